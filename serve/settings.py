@@ -1,0 +1,98 @@
+"""All runtime settings, read from ``LOOPCHAT_*`` environment variables (CLI flags override).
+
+This is the one place a setting is defined and documented; the README's configuration table
+is generated from these descriptions (``loopchat config``).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "loopchat"
+
+
+class Settings(BaseSettings):
+    """Process settings; every field maps to ``LOOPCHAT_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPCHAT_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the embedded Redis, the built-in model and caches live.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis to use (redis://, rediss://, unix://). Unset: an embedded redis-server "
+        "persisted (AOF) in the data dir.",
+    )
+    checkpoints: str | None = Field(
+        default=None,
+        description="fsspec URL of the checkpoint store (a path or s3://...). Unset: "
+        "<data_dir>/checkpoints.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Hugging Face model directory to serve when the registry has no live "
+        "version yet. Unset: the built-in model (trained once, then cached).",
+    )
+    model_name: str = Field(default="loopchat", description="Served model name in /v1/models.")
+    engine: Literal["vllm", "hf"] = Field(default="vllm", description="Inference engine.")
+    host: str = Field(default="127.0.0.1", description="Bind address of `loopchat up`.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of `loopchat up`.")
+    worker: bool = Field(
+        default=True, description="Start a learning worker child process with `loopchat up`."
+    )
+    max_n: int = Field(default=4, ge=1, le=16, description="Largest `n` a request may ask for.")
+    max_tokens_default: int = Field(
+        default=64, ge=1, description="max_tokens when a request does not say."
+    )
+    max_model_len: int = Field(default=512, ge=16, description="Context length served.")
+    completion_ttl: int = Field(
+        default=7 * 24 * 3600, ge=60, description="Seconds a completion stays rankable."
+    )
+    kv_cache_bytes: int = Field(
+        default=64 << 20, ge=1 << 20, description="vLLM KV-cache size on CPU, in bytes."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated client API keys (Bearer). Unset: no key needed.",
+    )
+    admin_token: str | None = Field(
+        default=None, description="Bearer token for /admin/* and the /ops page."
+    )
+    round_every: int = Field(
+        default=64, ge=1, description="New rankings that start a learning round."
+    )
+    auto_promote: bool = Field(
+        default=False, description="Promote a candidate that passes the gate without an operator."
+    )
+    keep_versions: int = Field(
+        default=10, ge=2, description="Policy versions kept (live and previous never deleted)."
+    )
+    feedback_rate: int = Field(
+        default=120, ge=1, description="Rankings one user may post per minute (429 above)."
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_comment_chars: int = Field(default=2000, ge=0, description="Longest feedback comment.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @cached_property
+    def checkpoints_url(self) -> str:
+        """Where checkpoints are stored, as an fsspec URL."""
+        return self.checkpoints or str(self.data_dir / "checkpoints")
