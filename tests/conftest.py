@@ -1,0 +1,118 @@
+"""Shared fixtures: the tests' Redis, a tiny model built in seconds, and a real server process.
+
+Tests talk to the real Redis at 127.0.0.1:6379 (``make test`` starts one if needed), in a
+database of their own that each test empties first, and to real ``loopchat up`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+TEST_REDIS_URL = os.environ.get("LOOPCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The tests' Redis database, emptied before the test."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    yield TEST_REDIS_URL
+    client.close()
+
+
+def tiny_texts() -> list[str]:
+    """A little text covering the digits, letters and punctuation the tests send."""
+    words = "hello what is the capital of and plus minus times how many letters in word yes no"
+    texts = [f"What is {a} + {b}? {a} plus {b} is {a + b}." for a in range(30) for b in range(10)]
+    texts += [f"{w.capitalize()}, {w}! Count: {len(w)}." for w in words.split()]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised ``nano`` Llama with a locally trained tokenizer (seconds)."""
+    from learn.presets import new_model, save_model
+    from learn.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(tiny_texts(), vocab_size=512)
+    out = tmp_path_factory.mktemp("tiny-model")
+    return save_model(new_model("nano", tokenizer, seed=0), tokenizer, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ``loopchat up`` process."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        """For the openai client: ``OpenAI(base_url=server.base_url, api_key=...)``."""
+        return f"{self.url}/v1"
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    model: Path | None,
+    data_dir: Path,
+    redis_url: str | None,
+    engine: str = "hf",
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> Server:
+    """Start ``loopchat up`` on a free port and wait until /health answers."""
+    port = free_port()
+    args = [sys.executable, "-m", "serve.cli", "up", "--engine", engine, "--port", str(port)]
+    if model is not None:
+        args += ["--model", str(model)]
+    args += extra_args if extra_args is not None else ["--no-worker"]
+    full_env = {**os.environ, "LOOPCHAT_DATA_DIR": str(data_dir), **(env or {})}
+    full_env.pop("LOOPCHAT_REDIS_URL", None)
+    if redis_url:
+        full_env["LOOPCHAT_REDIS_URL"] = redis_url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / f"server-{port}.log"
+    with open(log, "wb") as fh:
+        process = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server not healthy in {timeout}s:\n{log.read_text()[-4000:]}")
