@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     auto_promote: bool = Field(
         default=False, description="Promote a candidate that passes the gate without an operator."
     )
+    loop_config: str | None = Field(
+        default=None,
+        description='JSON overrides of a learning round\'s LoopConfig (learn/loop.py), e.g. '
+        '`{"max_prompts": 64, "ppo": {...}}`. Unset: defaults sized for a CPU.',
+    )
     keep_versions: int = Field(
         default=10, ge=2, description="Policy versions kept (live and previous never deleted)."
     )

@@ -1,0 +1,196 @@
+"""The promotion gate: may this candidate replace the live policy?
+
+Checks, cheapest first (a failing check that makes the later ones meaningless stops the gate):
+
+1. **finite** — every weight is finite (a single NaN answers garbage or crashes the engine);
+2. **generates** — the checkpoint loads in transformers and samples answers whose log-probs
+   are finite;
+3. **KL to live** — on held-out prompts, answers sampled from the candidate; the sequence KL
+   estimate ``E[Σ_t log π_cand − log π_live]`` (nats per answer) is within ``kl_budget``, so
+   users never see a sudden jump in behaviour, however good the reward model thinks it is;
+4. **reward** — the reward model scores the candidate's answers not lower than the live
+   policy's on the same prompts (same seeds: common random numbers cut the noise);
+5. **agreement** — on held-out recent rankings (which the reward model never trained on) the
+   candidate gives the user-preferred answer the higher log-likelihood at least as often as
+   live does: the check that the policy moved towards what users said, not only towards the
+   reward model.
+
+The result is a JSON-able dict: ``passed``, ``reasons`` (failed checks, empty when passed),
+``reason`` (one line, for the registry and the ops page) and the numbers behind each check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from learn.ppo import sequence_logprobs
+from learn.reward import load_reward_model, score
+from serve.feedback import normalise_ranking, ranking_pairs
+from serve.registry import weights_finite
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class GateConfig:
+    """Budgets and sample sizes of the gate."""
+
+    prompts: int = field(default=16, metadata={"help": "Held-out prompts sampled for KL/reward."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Length of sampled answers."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (as served)."})
+    kl_budget: float = field(
+        default=4.0, metadata={"help": "Largest KL(candidate || live), nats per answer."}
+    )
+    reward_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "Candidate's mean normalised RM score may be this much below live's "
+            "(in reward standard deviations: sampling noise on a few prompts)."
+        },
+    )
+    agreement_tolerance: float = field(
+        default=0.0,
+        metadata={"help": "Candidate's held-out agreement may be this much below live's."},
+    )
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both models)."})
+
+
+def load_policy(model_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def encode(tokenizer: Any, messages: Messages, answer_ids: list[int]) -> tuple[list[int], int]:
+    """Token ids of prompt + answer, and where the answer starts."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    return prompt + answer_ids, len(prompt)
+
+
+def answer_ids(tokenizer: Any, text: str) -> list[int]:
+    """An answer as the policy produces it: its tokens, then end-of-turn."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def answer_logprob(
+    model: PreTrainedModel, sequences: list[tuple[list[int], int]], pad_id: int
+) -> torch.Tensor:
+    """Total log-probability of each answer given its prompt: ``[(ids, answer_start), …]``."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, (ids, start) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        answer_mask[row, start : len(ids)] = True
+    logprobs = sequence_logprobs(model, input_ids, attention)  # [B, T-1]: log p(ids[t+1] | ..t)
+    return (logprobs * answer_mask[:, 1:]).sum(dim=1)
+
+
+@torch.no_grad()
+def sample_answers(
+    model: PreTrainedModel, tokenizer: Any, prompts: list[Messages], config: GateConfig
+) -> list[list[int]]:
+    """One sampled answer per prompt (token ids, ending in eos when the model ended it)."""
+    answers = []
+    for i, messages in enumerate(prompts):
+        ids, _ = encode(tokenizer, messages, [])
+        torch.manual_seed(config.seed + i)  # same randomness for both models
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=True, temperature=config.temperature, top_p=1.0, top_k=0,
+            max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers.append(out[0, len(ids):].tolist())
+    return answers
+
+
+def agreement(
+    model: PreTrainedModel, tokenizer: Any, events: list[dict]
+) -> tuple[float, int]:
+    """Share of held-out preference pairs where ``model`` gives the preferred answer the higher
+    log-likelihood (ties count half), and the number of pairs."""
+    hits, pairs = 0.0, 0
+    for event in events:
+        sequences = [encode(tokenizer, event["messages"], answer_ids(tokenizer, c))
+                     for c in event["candidates"]]
+        logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
+        for better, worse in ranking_pairs(normalise_ranking(event["ranking"])):
+            hits += 1.0 if logp[better] > logp[worse] else 0.5 if logp[better] == logp[worse] else 0
+            pairs += 1
+    return (hits / pairs if pairs else 0.0), pairs
+
+
+def evaluate_gate(
+    candidate_dir: Path,
+    live_dir: Path,
+    reward_dir: Path | None,
+    heldout_events: list[dict],
+    prompts: list[Messages],
+    config: GateConfig,
+) -> dict[str, Any]:
+    """Run the checks (module docstring) and return the verdict with its numbers."""
+    result: dict[str, Any] = {"passed": False, "reasons": [], "kl_budget": config.kl_budget}
+
+    def verdict() -> dict[str, Any]:
+        result["passed"] = not result["reasons"]
+        result["reason"] = "; ".join(result["reasons"]) or "all checks passed"
+        return result
+
+    result["finite"] = weights_finite(candidate_dir)
+    if not result["finite"]:
+        result["reasons"].append("weights are not finite (NaN or inf)")
+        return verdict()
+
+    tokenizer = AutoTokenizer.from_pretrained(candidate_dir)
+    prompts = prompts[: config.prompts]
+    try:
+        candidate = load_policy(candidate_dir)
+        cand_answers = sample_answers(candidate, tokenizer, prompts, config)
+        sequences = [encode(tokenizer, p, a) for p, a in zip(prompts, cand_answers, strict=True)]
+        cand_logp = answer_logprob(candidate, sequences, tokenizer.pad_token_id)
+    except Exception as exc:  # any failure to load or run is the verdict, not a crash
+        result["generates"] = False
+        result["reasons"].append(f"does not load and generate: {type(exc).__name__}: {exc}")
+        return verdict()
+    result["generates"] = bool(torch.isfinite(cand_logp).all())
+    if not result["generates"]:
+        result["reasons"].append("generated answers have non-finite log-probabilities")
+        return verdict()
+
+    live = load_policy(live_dir)
+    live_logp = answer_logprob(live, sequences, tokenizer.pad_token_id)
+    result["kl"] = float((cand_logp - live_logp).mean())
+    if result["kl"] > config.kl_budget:
+        result["reasons"].append(f"KL to live {result['kl']:.3f} > budget {config.kl_budget}")
+
+    if reward_dir is not None:
+        rm = load_reward_model(reward_dir)
+        live_answers = sample_answers(live, tokenizer, prompts, config)
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in cand_answers]
+        live_texts = [tokenizer.decode(a, skip_special_tokens=True) for a in live_answers]
+        result["reward_candidate"] = float(score(rm, tokenizer, prompts, texts).mean())
+        result["reward_live"] = float(score(rm, tokenizer, prompts, live_texts).mean())
+        if result["reward_candidate"] < result["reward_live"] - config.reward_tolerance:
+            result["reasons"].append(
+                f"reward {result['reward_candidate']:.3f} below live's {result['reward_live']:.3f}"
+            )
+
+    if heldout_events:
+        result["agreement_candidate"], result["heldout_pairs"] = agreement(
+            candidate, tokenizer, heldout_events
+        )
+        result["agreement_live"], _ = agreement(live, tokenizer, heldout_events)
+        if result["agreement_candidate"] < result["agreement_live"] - config.agreement_tolerance:
+            result["reasons"].append(
+                f"agrees with users on {result['agreement_candidate']:.1%} of held-out pairs, "
+                f"live on {result['agreement_live']:.1%}"
+            )
+    return verdict()

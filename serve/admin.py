@@ -1,0 +1,108 @@
+"""What an operator can see and do: the logic behind ``/admin/*``, the ``/ops`` page and the CLI.
+
+All three front ends call these functions, so a promotion means the same thing whichever one an
+operator uses, and the page never touches Redis itself. Everything here is blocking (sync Redis,
+the registry's store): routes run it in FastAPI's thread pool.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import redis
+
+from serve.feedback import FeedbackLog
+from serve.loop_trigger import COUNTER
+from serve.registry import Registry
+from serve.settings import Settings
+from serve.store import key
+
+# Written by the learning loop (``learn/loop.py`` documents the round record); read here only.
+ROUNDS = key("loop", "rounds")
+ROUND_LOCK = key("loop", "lock")
+
+VERSION_FIELDS = ("version", "kind", "parent", "created_at", "metrics", "gate")
+
+
+class AdminAuthError(Exception):
+    """The caller is not the operator: ``status`` 401 (no token) or 403 (wrong / none set)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_admin_token(configured: str | None, presented: str | None) -> None:
+    """Raise ``AdminAuthError`` unless ``presented`` is the configured admin token.
+
+    With no token configured the admin surface is closed rather than open: an operator must
+    choose a token before anyone can promote weights in front of users.
+    """
+    if not configured:
+        raise AdminAuthError(
+            403, "admin access is disabled: set LOOPCHAT_ADMIN_TOKEN to enable /admin and /ops"
+        )
+    if not presented:
+        raise AdminAuthError(401, "missing admin token (Authorization: Bearer <token>)")
+    if not secrets.compare_digest(presented.encode(), configured.encode()):
+        raise AdminAuthError(403, "wrong admin token")
+
+
+class AdminService:
+    """Checkpoints, promotion, rollback and the learning loop's progress."""
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    @property
+    def client(self) -> redis.Redis:
+        return self.registry.client
+
+    def checkpoints(self) -> dict[str, Any]:
+        """Aliases and every version, oldest first (the ``GET /admin/checkpoints`` body)."""
+        versions = [{f: m.get(f) for f in VERSION_FIELDS} for m in self.registry.versions()]
+        return {**self.registry.aliases(), "versions": versions}
+
+    def promote(self, version: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
+        """Make ``version`` live; returns the aliases after. Registry errors propagate."""
+        self.registry.promote(version, by=by, reason=reason, force=force)
+        return self.registry.aliases()
+
+    def rollback(self, by: str, reason: str) -> dict[str, Any]:
+        """Make the previous version live again; returns the aliases after."""
+        self.registry.rollback(by=by, reason=reason)
+        return self.registry.aliases()
+
+    def history(self) -> list[dict]:
+        """Every change of the live version, oldest first."""
+        return self.registry.history()
+
+    def loop_status(self, rounds: int = 20) -> dict[str, Any]:
+        """Rankings since the last round and the last ``rounds`` round records, oldest first.
+
+        The feedback stream is append-only, so the rankings that arrived after the last
+        completed round are the stream's length minus that round's ``rankings_total``.
+        """
+        total = FeedbackLog(self.client).length()
+        records = [json.loads(r) for r in self.client.lrange(ROUNDS, -rounds, -1)] if rounds else []
+        done = [r for r in records if r.get("status") == "done"]
+        if not done and rounds:  # the last completed round may be older than those asked for
+            done = [
+                r
+                for r in map(json.loads, self.client.lrange(ROUNDS, 0, -1))
+                if r.get("status") == "done"
+            ]
+        since = total - done[-1]["rankings_total"] if done else total
+        counted = int(self.client.get(COUNTER) or 0)
+        return {
+            "rankings_total": total,
+            "rankings_since_last_round": max(0, since),
+            "round_every": self.settings.round_every,
+            "next_round_in": max(0, self.settings.round_every - counted),
+            "round_running": bool(self.client.exists(ROUND_LOCK)),
+            "auto_promote": self.settings.auto_promote,
+            "rounds": records,
+        }

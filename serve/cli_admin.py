@@ -1,0 +1,95 @@
+"""``loopchat checkpoints | promote VERSION | rollback``: the operator's commands.
+
+They work on the registry in Redis directly (settings from ``LOOPCHAT_*``), so they need no
+running server; every serving process follows the change through the registry's channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import time
+
+from serve.cli import CLIError
+
+
+def register(parser: argparse.ArgumentParser, command: str) -> None:
+    """Arguments of ``checkpoints``, ``promote`` and ``rollback``."""
+    if command == "checkpoints":
+        parser.add_argument("--json", action="store_true", help="print the raw JSON")
+        parser.set_defaults(func=_checkpoints)
+        return
+    if command == "promote":
+        parser.add_argument("version", help="policy version to make live, e.g. v3")
+        parser.add_argument(
+            "--force", action="store_true", help="promote even though its gate failed"
+        )
+    parser.add_argument("--reason", default="", help="why (kept in the registry's history)")
+    parser.set_defaults(func=_promote if command == "promote" else _rollback)
+
+
+def _admin():  # -> AdminService; imports kept out of `loopchat --help`
+    from serve.admin import AdminService
+    from serve.registry import Registry
+    from serve.settings import Settings
+    from serve.store import resolve_redis_url, sync_client
+
+    settings = Settings()
+    registry = Registry.from_settings(settings, sync_client(resolve_redis_url(settings)))
+    return AdminService(registry, settings)
+
+
+def _operator() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    state = _admin().checkpoints()
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    marks = {state[a]: a for a in ("previous", "candidate", "live") if state[a]}
+    print(
+        f"{'version':<9} {'kind':<7} {'parent':<8} {'created':<17} {'alias':<10} {'gate':<6} "
+        "metrics"
+    )
+    for v in state["versions"]:
+        gate = v["gate"]
+        gate_text = "-" if gate is None else ("pass" if gate["passed"] else "FAIL")
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created_at"]))
+        metrics = " ".join(f"{k}={_short(x)}" for k, x in sorted(v["metrics"].items()))
+        print(
+            f"{v['version']:<9} {v['kind']:<7} {v['parent'] or '-':<8} {created:<17} "
+            f"{marks.get(v['version'], ''):<10} {gate_text:<6} {metrics}"
+        )
+    return 0
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from serve.registry import RegistryError
+
+    try:
+        state = _admin().promote(args.version, _operator(), args.reason, force=args.force)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"live: {state['live']} (previous: {state['previous']})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from serve.registry import RegistryError
+
+    try:
+        state = _admin().rollback(_operator(), args.reason)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"live: {state['live']} (previous: {state['previous']})")
+    return 0

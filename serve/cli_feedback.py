@@ -1,0 +1,117 @@
+"""``loopchat feedback export|stats``: the stored rankings as files and as numbers.
+
+``export --format rankings`` writes the stream's events as JSONL, exactly as stored (the input of
+``loopchat train reward``). ``export --format pairs`` writes one line per (better, worse) pair a
+ranking implies, in the conversational preference format with an explicit prompt that TRL's
+reward/DPO trainers and OpenRLHF (``--prompt_key prompt``) read::
+
+    {"prompt": [...messages...], "chosen": [{"role": "assistant", ...}],
+     "rejected": [{"role": "assistant", ...}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from serve.cli import CLIError
+
+
+def register(parser: argparse.ArgumentParser, command: str) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write the rankings to a JSONL file")
+    export.add_argument(
+        "--format",
+        choices=["rankings", "pairs"],
+        default="rankings",
+        help="rankings: the stored events; pairs: chosen/rejected pairs (TRL, OpenRLHF)",
+    )
+    export.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    export.set_defaults(func=_export)
+    stats = actions.add_parser("stats", help="counts per version and per user, ties, all-bad")
+    stats.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    stats.set_defaults(func=_stats)
+
+
+def preference_pairs(event: dict[str, Any]) -> Iterator[dict[str, list[dict[str, str]]]]:
+    """The chosen/rejected records one ranking event yields (none between tied candidates)."""
+    from serve.feedback import ranking_pairs
+
+    def answer(index: int) -> list[dict[str, str]]:
+        return [{"role": "assistant", "content": event["candidates"][index]}]
+
+    for better, worse in ranking_pairs(event["ranking"]):
+        yield {"prompt": event["messages"], "chosen": answer(better), "rejected": answer(worse)}
+
+
+_TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment")
+
+
+def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Rankings, pairs, ties and all-bad counts, overall and per version and user."""
+    from serve.feedback import count_pairs
+
+    totals: Counter[str] = Counter()
+    per_version: Counter[str] = Counter()
+    per_user: Counter[str] = Counter()
+    per_k: Counter[int] = Counter()
+    for event in events:
+        totals["rankings"] += 1
+        totals["pairs"] += count_pairs(event["ranking"])
+        totals["with_ties"] += any(len(group) > 1 for group in event["ranking"])
+        totals["all_bad"] += bool(event["all_bad"])
+        totals["with_comment"] += bool(event["comment"])
+        per_version[event["version"]] += 1
+        per_user[event["user"] or "(anonymous)"] += 1
+        per_k[len(event["candidates"])] += 1
+    return {
+        **{name: totals[name] for name in _TOTALS},
+        "per_version": dict(sorted(per_version.items())),
+        "per_user": dict(per_user.most_common()),
+        "per_candidates": {str(k): n for k, n in sorted(per_k.items())},
+    }
+
+
+def _log():
+    from serve.feedback import FeedbackLog
+    from serve.settings import Settings
+    from serve.store import resolve_redis_url, sync_client
+
+    return FeedbackLog(sync_client(resolve_redis_url(Settings())))
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a directory; give a file name")
+    if not args.out.parent.is_dir():
+        raise CLIError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    # Written beside the target and renamed, so a crash never leaves a half file under its name.
+    partial = args.out.with_name(f".{args.out.name}.partial")
+    lines = 0
+    with open(partial, "w", encoding="utf-8") as fh:
+        for _, event in _log().iter_events():
+            records = preference_pairs(event) if args.format == "pairs" else [event]
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                lines += 1
+    os.replace(partial, args.out)
+    print(f"wrote {lines} {args.format} to {args.out}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    numbers = summarise(event for _, event in _log().iter_events())
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+        return 0
+    print("  ".join(f"{name.replace('_', ' ')} {numbers[name]}" for name in _TOTALS))
+    for title in ("per_version", "per_user", "per_candidates"):
+        print(f"{title.replace('_', ' ')}:")
+        for name, n in numbers[title].items():
+            print(f"  {name:<24} {n}")
+    return 0

@@ -1,0 +1,123 @@
+"""``loopchat up``: serve the chat API and pages, with a learning worker beside it.
+
+Settings come from flags, then ``LOOPCHAT_*`` variables, then defaults. The Redis URL is resolved
+here, before anything starts, so that the worker child process inherits it (with nothing
+configured that is the embedded server this process starts). The listening socket is bound
+first too: a busy port fails at once instead of after the model has loaded.
+
+SIGINT or SIGTERM stops accepting connections, lets in-flight requests finish, shuts the engine
+down, then stops the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from serve.cli import CLIError
+from serve.settings import Settings
+
+
+def register(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--model", help="model directory to serve if no version is live yet (default: built-in)"
+    )
+    parser.add_argument("--engine", choices=["vllm", "hf"], help="inference engine (vllm)")
+    parser.add_argument("--host", help="bind address (127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (8000; 0 picks a free one)")
+    parser.add_argument(
+        "--no-worker", action="store_true", help="do not start a learning worker alongside"
+    )
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with the given flags overriding the environment."""
+    from pydantic import ValidationError
+
+    flags = {"engine": args.engine, "host": args.host, "port": args.port}
+    overrides = {name: value for name, value in flags.items() if value is not None}
+    if args.model is not None:
+        model = Path(args.model).expanduser().resolve()
+        if not (model / "config.json").is_file():
+            raise CLIError(f"--model {args.model}: not a Hugging Face model directory")
+        overrides["model"] = str(model)
+    if args.no_worker:
+        overrides["worker"] = False
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        raise CLIError(f"{name} (LOOPCHAT_{name.upper()} or --{name}): {first['msg']}") from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a busy port is reported before the model loads."""
+    try:
+        sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def start_worker() -> subprocess.Popen:
+    """``loopchat worker`` as a child process with this process's environment (and Redis)."""
+    return subprocess.Popen([sys.executable, "-m", "serve.cli", "worker"], env=os.environ.copy())
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    sock = bind(settings.host, settings.port)
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.store import resolve_redis_url
+
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    resolve_redis_url(settings)  # exported to the environment the worker inherits
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(f"loopchat: serving on {url}  (OpenAI base URL {url}/v1)", flush=True)
+
+    config = uvicorn.Config(
+        create_app(settings), log_level="info", timeout_graceful_shutdown=60, lifespan="on"
+    )
+    # uvicorn re-raises the signal that stopped it; a SIGTERM then ends us cleanly, like SIGINT
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker = start_worker() if settings.worker else None
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        sock.close()
+    if not server.started:
+        print("loopchat up: startup failed (the reason is logged above)", file=sys.stderr)
+        return 1
+    return 0

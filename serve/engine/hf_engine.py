@@ -1,0 +1,209 @@
+"""The transformers engine: a token loop in worker threads, for where vLLM cannot run.
+
+It is also the baseline the benchmarks compare vLLM against. The loop is written out rather
+than calling ``generate`` because each candidate needs its own random generator (seed + i,
+as vLLM does) for reproducible yet distinct candidates, and ``generate`` only has the global
+one, which concurrent requests would share. Each request runs in a thread of its own and hands
+its deltas to the event loop, which therefore never waits on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from serve.engine.base import Engine, SamplingOptions
+from serve.settings import Settings
+
+RawDelta = tuple[int, str, int, str | None]
+WORKERS = 4  # requests generated at the same time (each in a thread of its own)
+
+
+def load_model(model_dir: str) -> PreTrainedModel:
+    """The checkpoint in fp32 eval mode (CPU)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> int:
+    """One token id from a row of logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+    sorted_probs = sorted_probs * ((sorted_probs.cumsum(0) - sorted_probs) < top_p)
+    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+
+class Detokenizer:
+    """Incremental text of one candidate that never shows a stop string or half a character.
+
+    Text that could still turn into a stop string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return the text now safe to show and whether a stop string appeared."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return "", False
+        self.text = text
+        hits = [pos for s in self.stop if (pos := text.find(s)) >= 0]
+        if hits:
+            return self._take(min(hits)), True
+        held = max(
+            (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        return self._take(len(text) - held), False
+
+    def flush(self) -> str:
+        """Everything not shown yet (the candidate ended without a stop string)."""
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        piece = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return piece
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a candidate: the tokenizer's eos and the generation config's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+def generate_candidates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    options: SamplingOptions,
+    cancel: threading.Event,
+    emit: Callable[[RawDelta], None],
+) -> None:
+    """Sample ``options.n`` candidates as one batch with a KV cache, emitting deltas as they come.
+
+    Runs in a worker thread; returns early when ``cancel`` is set.
+    """
+    n = options.n
+    generators = []
+    for i in range(n):
+        gen = torch.Generator()
+        if options.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(options.seed + i)
+        generators.append(gen)
+    stops = eos_ids(model, tokenizer)
+    texts = [Detokenizer(tokenizer, options.stop) for _ in range(n)]
+    running = set(range(n))
+    input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long)
+    cache = None
+    with torch.inference_mode():
+        for step in range(options.max_tokens):
+            if cancel.is_set():
+                return
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_ids = []
+            for i in range(n):
+                token = sample_token(logits[i], options.temperature, options.top_p, generators[i])
+                next_ids.append(token)
+                if i not in running:
+                    continue
+                if token in stops:
+                    text, reason = texts[i].flush(), "stop"
+                else:
+                    text, stopped = texts[i].push(token)
+                    reason = "stop" if stopped else None
+                    if reason is None and step == options.max_tokens - 1:
+                        text, reason = text + texts[i].flush(), "length"
+                if reason is not None:
+                    running.discard(i)
+                emit((i, text, 1, reason))
+            if not running:
+                return
+            input_ids = torch.tensor(next_ids, dtype=torch.long).unsqueeze(1)
+
+
+class HFEngine(Engine):
+    """transformers model in this process; a swap replaces the model object."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
+        super().__init__(model_dir, version, settings)
+        self._model: PreTrainedModel | None = None
+        self._executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hf-engine")
+        self._cancel: dict[str, threading.Event] = {}
+
+    async def start(self) -> None:
+        # Requests already run in parallel threads; intra-op threads on top of them oversubscribe
+        # the cores (measured: 9x slower for the nano model on a busy 2-core machine).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+        self._model = await asyncio.to_thread(load_model, self.model_dir)
+
+    async def shutdown(self) -> None:
+        for event in self._cancel.values():
+            event.set()
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self._model = None
+
+    async def abort(self, request_id: str) -> None:
+        if event := self._cancel.get(request_id):
+            event.set()
+
+    async def _reload(self, model_dir: str) -> None:
+        self._model = await asyncio.to_thread(load_model, model_dir)
+
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
+    ) -> AsyncGenerator[RawDelta, None]:
+        model = self._model
+        if model is None:
+            raise RuntimeError("HFEngine.start() was not awaited")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RawDelta | None] = asyncio.Queue()
+        cancel = self._cancel[request_id] = threading.Event()
+
+        def run() -> None:
+            try:
+                generate_candidates(
+                    model,
+                    self.tokenizer,
+                    prompt_ids,
+                    options,
+                    cancel,
+                    lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                )
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        done = loop.run_in_executor(self._executor, run)
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            await done  # re-raises what went wrong in the thread
+        finally:
+            cancel.set()
+            self._cancel.pop(request_id, None)

@@ -1,0 +1,87 @@
+"""The vLLM engine: ``AsyncLLM`` inside the API process (its engine core runs in a child process).
+
+A swap reloads the weights in place instead of restarting the engine (~0.1 s instead of ~35 s on
+CPU): pause → ``reload_weights`` → reset the prefix cache (it holds the old weights' KV, and
+would otherwise serve stale attention for prompts seen before) → resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+from serve.engine.base import Engine, SamplingOptions
+from serve.settings import Settings
+
+
+def configure_environment(data_dir: Path) -> None:
+    """Settings vLLM reads from the environment at import: offline, caches in the data dir."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(data_dir / "cache" / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data_dir / "cache" / "inductor"))
+
+
+class VLLMEngine(Engine):
+    """vLLM's asynchronous engine; settings that work on CPU (eager, bounded KV cache, fp32)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
+        super().__init__(model_dir, version, settings)
+        self._llm: Any = None
+
+    async def start(self) -> None:
+        configure_environment(self.settings.data_dir)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model_dir,
+            enforce_eager=True,
+            kv_cache_memory_bytes=self.settings.kv_cache_bytes,
+            max_model_len=self.max_model_len,
+            dtype="float32",
+            disable_log_stats=True,
+        )
+        # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def _reload(self, model_dir: str) -> None:
+        await self._llm.pause_generation(mode="wait")
+        try:
+            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+            await self._llm.reset_prefix_cache()
+        finally:
+            await self._llm.resume_generation()
+
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
+    ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=options.n,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            max_tokens=options.max_tokens,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        async for output in self._llm.generate(prompt, params, request_id):
+            for choice in output.outputs:
+                yield choice.index, choice.text, len(choice.token_ids), choice.finish_reason

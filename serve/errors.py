@@ -1,0 +1,89 @@
+"""Every error leaves the API in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``
+
+Handlers here turn request-parsing failures, unknown routes, raised :class:`APIError` and
+anything unexpected into that shape, so a client never sees a stack trace or an HTML page.
+Schema violations are 422 and name the field in ``param``; a body that is not JSON is 400.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.protocol import ErrorResponse
+
+log = logging.getLogger("loopchat.serve")
+
+
+class APIError(Exception):
+    """Raised by routes and dependencies to answer with an OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.response = ErrorResponse.make(status_code, message, type=type, param=param, code=code)
+
+
+def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.model_dump(), status_code=error.status_code, headers=headers)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"`` (OpenAI's param style)."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def validation_error(exc: RequestValidationError) -> ErrorResponse:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ErrorResponse.make(
+            400,
+            f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+            code="invalid_json",
+        )
+    param = field_path(tuple(first.get("loc", ())))
+    if param is None and first.get("type") == "missing":
+        return ErrorResponse.make(422, "A JSON request body is required.", code="missing_body")
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return ErrorResponse.make(422, message, param=param, code=first.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure through OpenAI's error shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.response.status_code == 401 else None
+        return error_json(exc.response, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_json(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        error = ErrorResponse.make(exc.status_code, str(exc.detail), type=kind)
+        return error_json(error, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = ErrorResponse.make(
+            500, "Internal server error (details are in the server log).", type="server_error"
+        )
+        return error_json(error)

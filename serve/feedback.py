@@ -1,0 +1,278 @@
+"""Rankings in, training events out.
+
+Two views of the one Redis Stream ``loopchat:feedback``:
+
+* ``FeedbackService`` (async, API process) turns ``POST /v1/feedback`` into one self-contained
+  event. The candidates' text, the prompt and the version come from the stored completion, never
+  from the client, so a ranking cannot be forged into training data. The duplicate check and the
+  XADD run in one Lua script: two racing posts of the same (completion, user) store exactly one
+  event, and the event is in Redis before the 201 goes out.
+* ``FeedbackLog`` (sync, learner) reads the stream through the consumer group ``learner``: read
+  new entries, ack after use, reclaim what a dead consumer held, and read everything for a
+  reward-model refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from serve.loop_trigger import on_ranking_stored
+from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
+from serve.settings import Settings
+from serve.store import CompletionStore, key
+
+logger = logging.getLogger(__name__)
+
+STREAM = key("feedback")
+GROUP = "learner"
+
+# Refuse a second ranking of (completion, user) and append the event, atomically: both or neither.
+# The XADD comes first so that a failing XADD leaves no dedupe key behind (the user may retry).
+_STORE_ONCE = """
+local previous = redis.call('GET', KEYS[1])
+if previous then
+  return {0, previous}
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return {1, entry}
+"""
+
+
+def normalise_ranking(ranking: list[int | list[int]]) -> list[list[int]]:
+    """Best-to-worst tie groups: a bare index is a group of one (a flat list means no ties)."""
+    return [list(item) if isinstance(item, list) else [item] for item in ranking]
+
+
+def ranking_problem(groups: list[list[int]], n_candidates: int, all_bad: bool) -> str | None:
+    """What is wrong with a ranking of ``n_candidates`` candidates, or None when it is valid.
+
+    A ranking names every candidate exactly once; an empty ranking is only allowed as
+    "all bad" (nothing to order, but still a signal).
+    """
+    if not groups:
+        if all_bad:
+            return None
+        return "ranking is empty; send a best-to-worst order, or [] with all_bad: true"
+    valid = f"the completion has {n_candidates} candidates, indices 0..{n_candidates - 1}"
+    seen: set[int] = set()
+    for position, group in enumerate(groups):
+        if not group:
+            return f"ranking[{position}] is an empty tie group"
+        for index in group:
+            if not 0 <= index < n_candidates:
+                return f"ranking names candidate {index}, but {valid}"
+            if index in seen:
+                return f"ranking names candidate {index} more than once"
+            seen.add(index)
+    missing = sorted(set(range(n_candidates)) - seen)
+    if missing:
+        names = ", ".join(map(str, missing))
+        return f"ranking is missing candidate(s) {names}; {valid}, each named exactly once"
+    return None
+
+
+def ranking_pairs(groups: list[list[int]]) -> Iterator[tuple[int, int]]:
+    """(better, worse) candidate pairs a ranking implies; members of one tie group give none."""
+    for position, better_group in enumerate(groups):
+        for worse_group in groups[position + 1 :]:
+            for better in better_group:
+                for worse in worse_group:
+                    yield better, worse
+
+
+def count_pairs(groups: list[list[int]]) -> int:
+    return sum(1 for _ in ranking_pairs(groups))
+
+
+def _error(status: int, message: str, param: str, code: str) -> ErrorResponse:
+    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    return ErrorResponse.make(status, message, type=kind, param=param, code=code)
+
+
+class FeedbackService:
+    """The logic behind ``POST /v1/feedback`` (the route only parses and serialises)."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.completions = CompletionStore(client, settings.completion_ttl)
+        self._store_once = client.register_script(_STORE_ONCE)
+
+    async def _over_rate(self, subject: str) -> bool:
+        """Log one post by ``subject``; True when it made more than the limit in the last minute.
+
+        A sliding window (a sorted set of post times), so no burst of twice the limit fits
+        across a minute boundary. Refused posts count too: hammering keeps a client refused.
+        """
+        now = time.time()
+        window = key("ratelimit", "feedback", subject)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(window, "-inf", now - 60)
+            pipe.zadd(window, {uuid.uuid4().hex: now})
+            pipe.zcard(window)
+            pipe.expire(window, 60)
+            *_, count, _ = await pipe.execute()
+        return count > self.settings.feedback_rate
+
+    async def submit(
+        self, request: FeedbackRequest, api_key: str | None, client_address: str | None
+    ) -> FeedbackResponse | ErrorResponse:
+        """Validate ``request`` against its stored completion and store it as one event.
+
+        ``api_key`` is the caller's key (None when keys are off); ``client_address`` stands in
+        for the user in the rate limit when the request names none.
+        """
+        subject = request.user or f"addr:{client_address or 'unknown'}"
+        if await self._over_rate(subject):
+            return _error(
+                429,
+                f"more than {self.settings.feedback_rate} rankings per minute from this user; "
+                "retry in a minute",
+                "user",
+                "rate_limit_exceeded",
+            )
+        if request.comment is not None and len(request.comment) > self.settings.max_comment_chars:
+            return _error(
+                413,
+                f"comment is {len(request.comment)} characters; the limit is "
+                f"{self.settings.max_comment_chars}",
+                "comment",
+                "comment_too_long",
+            )
+        completion = await self.completions.get(request.completion_id)
+        if completion is None or (self.settings.api_keys and completion.api_key != api_key):
+            # Someone else's completion is reported as missing, so ids cannot be probed.
+            return _error(
+                404,
+                f"completion {request.completion_id!r} does not exist or has expired",
+                "completion_id",
+                "completion_not_found",
+            )
+        groups = normalise_ranking(request.ranking)
+        problem = ranking_problem(groups, len(completion.candidates), request.all_bad)
+        if problem:
+            return _error(422, problem, "ranking", "invalid_ranking")
+
+        user = request.user if request.user is not None else completion.user
+        event: dict[str, Any] = {
+            "id": f"fb-{uuid.uuid4().hex}",
+            "completion_id": completion.id,
+            "messages": completion.messages,
+            "candidates": completion.candidates,
+            "ranking": groups,
+            "all_bad": request.all_bad,
+            "user": user,
+            "comment": request.comment,
+            "version": completion.version,
+            "time": time.time(),
+        }
+        dedupe = key("ranked", completion.id, user or "")
+        stored, value = await self._store_once(
+            keys=[dedupe, STREAM],
+            args=[json.dumps(event, ensure_ascii=False), event["id"], self.settings.completion_ttl],
+        )
+        if not stored:
+            return _error(
+                409,
+                f"completion {completion.id!r} was already ranked by this user (ranking {value})",
+                "completion_id",
+                "already_ranked",
+            )
+        try:
+            await on_ranking_stored(self.client, self.settings)
+        except Exception:  # the ranking is stored; a missed trigger is retried by the next one
+            logger.exception("loop trigger failed after storing ranking %s", event["id"])
+        return FeedbackResponse(id=event["id"], pairs=count_pairs(groups))
+
+
+class FeedbackLog:
+    """The learner's view of the feedback stream, through the consumer group ``learner``.
+
+    Entries are ``(stream entry id, event dict)``. ``client`` must decode responses
+    (``serve.store.sync_client``).
+    """
+
+    def __init__(self, client: redis.Redis, stream: str = STREAM, group: str = GROUP) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; starts from the first ranking ever."""
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @staticmethod
+    def _decode(entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[str, dict]]:
+        return [(entry_id, json.loads(fields["event"])) for entry_id, fields in entries if fields]
+
+    def _in_group(self, command: Callable[[], Any]) -> Any:
+        """Run a group command, creating the group first if Redis does not know it (yet)."""
+        try:
+            return command()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        self.ensure_group()
+        return command()
+
+    def read_new(
+        self, consumer: str, count: int, block_ms: int | None = None
+    ) -> list[tuple[str, dict]]:
+        """Entries never delivered to the group; they stay pending for ``consumer`` until acked."""
+        reply = self._in_group(
+            partial(
+                self.client.xreadgroup,
+                self.group, consumer, {self.stream: ">"}, count=count, block=block_ms,
+            )
+        )
+        return self._decode(reply[0][1]) if reply else []
+
+    def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[str, dict]]:
+        """Take over every entry another consumer has held unacked for ``min_idle_ms``."""
+        claimed: list[tuple[str, dict]] = []
+        cursor = "0-0"
+        while True:
+            reply = self._in_group(
+                partial(
+                    self.client.xautoclaim,
+                    self.stream, self.group, consumer, min_idle_ms, start_id=cursor, count=100,
+                )
+            )
+            cursor, entries = reply[0], reply[1]
+            claimed += self._decode(entries)
+            if cursor == "0-0":
+                return claimed
+
+    def ack(self, ids: list[str]) -> int:
+        """Mark entries as used; returns how many were pending."""
+        return self.client.xack(self.stream, self.group, *ids) if ids else 0
+
+    def events(
+        self, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[tuple[str, dict]]:
+        """Stored rankings in stream order (all of them by default), regardless of the group."""
+        return self._decode(self.client.xrange(self.stream, start, end, count=count))
+
+    def iter_events(self, page: int = 1000) -> Iterator[tuple[str, dict]]:
+        """Every stored ranking, read ``page`` at a time so a long stream never sits in memory."""
+        start = "-"
+        while batch := self.events(start, "+", count=page):
+            yield from batch
+            start = f"({batch[-1][0]}"
+
+    def length(self) -> int:
+        return self.client.xlen(self.stream)

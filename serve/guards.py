@@ -1,0 +1,74 @@
+"""Request guards shared by every route: client API keys and the request-body size limit."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.errors import APIError, error_json
+from serve.protocol import ErrorResponse
+
+
+def require_client_key(request: Request) -> str | None:
+    """FastAPI dependency: the caller's API key (``Authorization: Bearer …``), or None when
+    ``LOOPCHAT_API_KEYS`` is unset. A wrong or missing key is a 401."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and any(hmac.compare_digest(token, k) for k in keys):
+        return token
+    raise APIError(
+        401,
+        "Missing or incorrect API key: send `Authorization: Bearer <key>`.",
+        code="invalid_api_key",
+    )
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before any route runs.
+
+    The body is read up to the limit and replayed to the app, so chunked uploads without a
+    Content-Length are bounded too; later ``receive`` calls (disconnects) pass straight through.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replaying_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replaying_receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ErrorResponse.make(
+            413,
+            f"The request body is larger than the limit of {self.max_bytes} bytes.",
+            code="request_too_large",
+        )
+        await error_json(error)(scope, receive, send)

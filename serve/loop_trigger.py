@@ -1,0 +1,92 @@
+"""Start a learning round every ``LOOPCHAT_ROUND_EVERY`` new rankings (called by the feedback route).
+
+The API never imports training code: it sends the Celery task ``learn.tasks.run_round`` *by
+name* to the ``learn`` queue on the same Redis the store uses, and a worker (``loopchat
+worker``) runs it. Any number of API replicas may call :func:`on_ranking_stored` at once: the
+counter ``loopchat:loop:since_round`` is incremented and, when it reaches ``round_every``,
+decreased by ``round_every`` in the same server-side script, so exactly one caller per
+``round_every`` rankings sends the task (no double rounds, no lost counts).
+
+The counter is "rankings since the last *triggered* round"; which rankings a round actually
+used is decided by the learner (``learn/loop.py``), so a late or duplicated task costs at most a
+skipped round, never a ranking counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import lru_cache
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+import redis.asyncio as aioredis
+
+from serve.settings import Settings
+from serve.store import key, resolve_redis_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+QUEUE = "learn"
+ROUND_TASK = "learn.tasks.run_round"
+COUNTER = key("loop", "since_round")
+
+# INCR, and when the count reaches `every` take `every` off it and answer 1 (send the task).
+_COUNT_AND_CLAIM = """
+local n = redis.call('INCR', KEYS[1])
+if n >= tonumber(ARGV[1]) then
+  redis.call('DECRBY', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def celery_url(redis_url: str) -> str:
+    """The Celery broker/backend URL for a redis-py URL.
+
+    redis-py spells a unix socket ``unix:///path?db=N``; Celery (kombu and its result backend)
+    wants ``redis+socket:///path?virtual_host=N``. TCP and TLS URLs are the same for both.
+    """
+    parts = urlsplit(redis_url)
+    if parts.scheme != "unix":
+        return redis_url
+    db = parse_qs(parts.query).get("db", ["0"])[0]
+    query = f"?virtual_host={db}" if db != "0" else ""
+    return f"redis+socket://{parts.netloc}{parts.path}{query}"
+
+
+@lru_cache(maxsize=4)
+def celery_client(redis_url: str) -> Celery:
+    """A Celery app that only sends tasks (one per Redis URL, reused across requests)."""
+    from celery import Celery
+
+    url = celery_url(redis_url)
+    return Celery("loopchat-api", broker=url, backend=url, set_as_current=False)
+
+
+def send_round(redis_url: str, **kwargs: object) -> str:
+    """Queue one learning round; returns the Celery task id (also the round id)."""
+    result = celery_client(redis_url).send_task(ROUND_TASK, kwargs=kwargs, queue=QUEUE)
+    return str(result.id)
+
+
+async def on_ranking_stored(aclient: aioredis.Redis, settings: Settings) -> None:
+    """Count one stored ranking; every ``settings.round_every`` of them, queue a round.
+
+    Sending runs in a thread (kombu is blocking). If it fails the count is given back, so the
+    next ranking tries again; the ranking itself is already stored and is never lost.
+    """
+    due = await aclient.eval(_COUNT_AND_CLAIM, 1, COUNTER, settings.round_every)
+    if not due:
+        return
+    try:
+        task_id = await asyncio.to_thread(send_round, resolve_redis_url(settings))
+    except Exception:
+        await aclient.incrby(COUNTER, settings.round_every)
+        log.exception("could not queue a learning round; will retry on the next ranking")
+        return
+    log.info("queued learning round %s after %d rankings", task_id, settings.round_every)

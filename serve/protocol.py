@@ -1,0 +1,201 @@
+"""OpenAI chat-completions schemas: what clients send and receive, and nothing else.
+
+Limits that do not depend on the deployment are ``Field`` constraints, so a bad request is
+rejected with the field named before any work is done. The one conversion to engine terms,
+:meth:`ChatCompletionRequest.sampling_options`, lives on the request schema.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StrictInt
+
+from serve.engine.base import SamplingOptions
+
+Role = Literal["system", "user", "assistant"]
+SEED_MAX = 2**63 - 1 - 64  # candidate i samples with seed + i; stays a valid 64-bit seed
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; ``status_code`` is the HTTP status (not part of the body)."""
+
+    error: ErrorInfo
+    status_code: int = Field(default=400, exclude=True)
+
+    @classmethod
+    def make(
+        cls,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> ErrorResponse:
+        return cls(
+            error=ErrorInfo(message=message, type=type, param=param, code=code),
+            status_code=status_code,
+        )
+
+
+class TextPart(BaseModel):
+    """A text content part (``content`` may be a list of these, as the OpenAI API allows)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``. Unknown extra fields are ignored, as OpenAI's SDKs expect.
+
+    ``n`` is bounded here by what any deployment allows; the serving layer applies the
+    configured ``max_n``.
+    """
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int | None = Field(default=None, ge=1, le=16)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (current name) or ``max_tokens`` (older name)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Plain role/content dicts: what the chat template renders and the store keeps."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def sampling_options(self, max_tokens: int) -> SamplingOptions:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingOptions(
+            n=self.n or 1,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=max_tokens,
+            stop=tuple(s for s in stop if s),
+            seed=self.seed,
+        )
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """The reply; ``id`` is the completion id feedback refers to, ``system_fingerprint`` the
+    checkpoint version that produced every choice."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loopchat"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: candidate indices best to worst; an inner list is a tie group.
+
+    Whether the indices fit the completion (each once, none missing) is checked against the
+    stored completion by ``serve.feedback``; the comment's length limit is a setting.
+    """
+
+    completion_id: str = Field(min_length=1, max_length=128)
+    ranking: list[StrictInt | list[StrictInt]] = Field(max_length=64)
+    all_bad: bool = False
+    user: str | None = Field(default=None, max_length=256)
+    comment: str | None = None
+
+
+class FeedbackResponse(BaseModel):
+    """The stored ranking's id and how many (better, worse) pairs it gives the reward model."""
+
+    id: str
+    pairs: int

@@ -1,0 +1,95 @@
+"""``/admin/*``: checkpoints, promotion, rollback and the learning loop, for the operator.
+
+Every route needs ``Authorization: Bearer <LOOPCHAT_ADMIN_TOKEN>`` (401 without, 403 wrong, 403
+when no token is configured). The logic is :class:`serve.admin.AdminService`, shared with the
+``/ops`` page and the CLI. Routes are plain ``def``: registry calls block (sync Redis, the
+checkpoint store), so FastAPI runs them in its thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from serve.admin import AdminAuthError, AdminService, check_admin_token
+from serve.errors import APIError
+from serve.registry import NoPrevious, PromotionRefused, RegistryError, UnknownVersion
+
+
+def require_admin(request: Request) -> None:
+    """Dependency: the caller presents the admin token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else None
+    try:
+        check_admin_token(request.app.state.settings.admin_token, presented)
+    except AdminAuthError as exc:
+        kind = "authentication_error" if exc.status == 401 else "permission_error"
+        raise APIError(exc.status, str(exc), type=kind, code="invalid_admin_token") from None
+
+
+def admin_service(request: Request) -> AdminService:
+    return AdminService(request.app.state.registry, request.app.state.settings)
+
+
+Admin = Annotated[AdminService, Depends(admin_service)]
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class AdminAction(BaseModel):
+    """Optional body of promote and rollback: who and why, kept in the registry's history."""
+
+    reason: str = Field(default="", max_length=1000)
+    by: str = Field(default="admin", min_length=1, max_length=100)
+
+
+def registry_error(exc: RegistryError) -> APIError:
+    """404 for an unknown version, 409 for a refused promotion or rollback, 400 otherwise."""
+    if isinstance(exc, UnknownVersion):
+        return APIError(404, str(exc), type="not_found_error", param="version", code=exc.code)
+    status = 409 if isinstance(exc, PromotionRefused | NoPrevious) else 400
+    return APIError(status, str(exc), param="version", code=exc.code)
+
+
+@router.get("/checkpoints")
+def list_checkpoints(admin: Admin) -> dict[str, Any]:
+    return admin.checkpoints()
+
+
+@router.post("/checkpoints/{version}/promote")
+def promote(
+    version: str,
+    admin: Admin,
+    body: AdminAction | None = None,
+    force: Annotated[bool, Query(description="promote even though the gate failed")] = False,
+) -> dict[str, Any]:
+    action = body or AdminAction()
+    try:
+        return admin.promote(version, by=action.by, reason=action.reason, force=force)
+    except RegistryError as exc:
+        raise registry_error(exc) from None
+
+
+@router.post("/rollback")
+def rollback(admin: Admin, body: AdminAction | None = None) -> dict[str, Any]:
+    action = body or AdminAction()
+    try:
+        return admin.rollback(by=action.by, reason=action.reason)
+    except RegistryError as exc:
+        raise registry_error(exc) from None
+
+
+@router.get("/history")
+def history(admin: Admin) -> list[dict]:
+    return admin.history()
+
+
+@router.get("/loop")
+def loop(
+    admin: Admin,
+    rounds: Annotated[int, Query(ge=0, le=1000, description="recent round records")] = 20,
+) -> dict[str, Any]:
+    return admin.loop_status(rounds)

@@ -1,0 +1,27 @@
+"""``POST /v1/feedback``: a user's best-to-worst ranking of a completion's candidates.
+
+The logic (validation against the stored completion, dedupe, rate limit, the stream write) is
+:class:`serve.feedback.FeedbackService`, shared with the chat page.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from serve.errors import error_json
+from serve.guards import require_client_key
+from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+@router.post("/feedback", status_code=201, response_model=FeedbackResponse)
+async def post_feedback(
+    body: FeedbackRequest, request: Request, api_key: str | None = Depends(require_client_key)
+) -> JSONResponse:
+    address = request.client.host if request.client else None
+    result = await request.app.state.feedback.submit(body, api_key, address)
+    if isinstance(result, ErrorResponse):
+        return error_json(result)
+    return JSONResponse(result.model_dump(), status_code=201)

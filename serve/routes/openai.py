@@ -1,0 +1,77 @@
+"""OpenAI-compatible routes: chat completions and the model list."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serve.errors import APIError, error_json
+from serve.guards import require_client_key
+from serve.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_client_key)])
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it (and so its generation) if the client disconnects."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, api_key: str | None = Depends(require_client_key)
+) -> Response:
+    try:
+        result = await until_disconnect(
+            request, request.app.state.chat.create_chat_completion(body, api_key)
+        )
+    except ClientGone:
+        return Response(status_code=499)
+    if isinstance(result, ErrorResponse):
+        return error_json(result)
+    if hasattr(result, "__aiter__"):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
+
+
+def _served(request: Request) -> ModelCard:
+    app = request.app
+    return ModelCard(id=app.state.settings.model_name, created=int(app.state.started_at))
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_served(request)])
+
+
+@router.get("/models/{model}")
+async def get_model(model: str, request: Request) -> ModelCard:
+    card = _served(request)
+    if model != card.id:
+        raise APIError(
+            404, f"The model {model!r} does not exist.", param="model", code="model_not_found"
+        )
+    return card

@@ -1,0 +1,243 @@
+"""Chat completions: from a validated request to a response, an error, or an SSE stream.
+
+The HTTP route and the Gradio page both call :meth:`ChatService.create_chat_completion`, so a
+completion is rendered, generated, counted and stored the same way whoever asked. A completion
+is stored (all candidates, the prompt, the version) before the client receives the end of the
+answer, so a ranking that follows can always find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from jinja2 import TemplateError
+
+from serve import metrics
+from serve.engine.base import Delta, Engine, SamplingOptions, Usage
+from serve.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ErrorResponse,
+    UsageInfo,
+)
+from serve.settings import Settings
+from serve.store import Completion, CompletionStore
+
+log = logging.getLogger("loopchat.serve")
+
+ChatResult = ChatCompletionResponse | ErrorResponse | AsyncGenerator[str, None]
+
+
+@dataclass
+class _Job:
+    """One request that passed every check, and what has been generated for it so far."""
+
+    id: str
+    request: ChatCompletionRequest
+    api_key: str | None
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    options: SamplingOptions
+    version: str
+    texts: list[str] = field(init=False)
+    finish: list[str | None] = field(init=False)
+    usage: Usage = field(init=False)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        n = self.options.n
+        self.texts, self.finish = [""] * n, [None] * n
+        self.usage = Usage(prompt_tokens=len(self.prompt_ids))
+
+    def add(self, delta: Delta) -> None:
+        self.texts[delta.index] += delta.text
+        self.usage.completion_tokens += delta.tokens
+        self.version = delta.version
+        if delta.finish_reason is not None:
+            self.finish[delta.index] = delta.finish_reason
+        if self.first_token_at is None and delta.text:
+            self.first_token_at = time.monotonic()
+
+    def completion(self) -> Completion:
+        return Completion(
+            id=self.id,
+            messages=self.messages,
+            candidates=self.texts,
+            version=self.version,
+            user=self.request.user,
+            api_key=self.api_key,
+        )
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+class ChatService:
+    """Serves chat completions from one engine and records every completion in the store."""
+
+    def __init__(self, engine: Engine, store: CompletionStore, settings: Settings) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, api_key: str | None
+    ) -> ChatResult:
+        """A full response, an error, or (``stream=True``) SSE strings ending in ``[DONE]``."""
+        job = self._prepare(request, api_key)
+        if isinstance(job, ErrorResponse):
+            metrics.REQUESTS.labels(outcome="error").inc()
+            return job
+        deltas = self.engine.generate(job.id, job.prompt_ids, job.options)
+        if request.stream:
+            return self._stream(job, deltas)
+        return await self._complete(job, deltas)
+
+    def _prepare(self, request: ChatCompletionRequest, api_key: str | None) -> _Job | ErrorResponse:
+        if request.model != self.settings.model_name:
+            return ErrorResponse.make(
+                404,
+                f"The model {request.model!r} does not exist; this server serves "
+                f"{self.settings.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
+        if (request.n or 1) > self.settings.max_n:
+            return ErrorResponse.make(
+                422,
+                f"n: at most {self.settings.max_n} candidates per request.",
+                param="n",
+                code="less_than_equal",
+            )
+        messages = request.prompt_messages()
+        try:
+            text = self.engine.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as exc:
+            return ErrorResponse.make(400, f"messages: cannot render: {exc}", param="messages")
+        prompt_ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = self._max_tokens(request, len(prompt_ids))
+        if isinstance(max_tokens, ErrorResponse):
+            return max_tokens
+        job_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return _Job(
+            job_id,
+            request,
+            api_key,
+            messages,
+            prompt_ids,
+            request.sampling_options(max_tokens),
+            self.engine.version,
+        )
+
+    def _max_tokens(self, request: ChatCompletionRequest, prompt_len: int) -> int | ErrorResponse:
+        """Tokens to generate: as asked (or the default, capped by the room left in context)."""
+        room = self.engine.max_model_len - prompt_len
+        asked = request.requested_max_tokens
+        if room < 1 or (asked is not None and asked > room):
+            wants = f" plus {asked} completion tokens" if asked is not None else ""
+            return ErrorResponse.make(
+                400,
+                f"This model's maximum context length is {self.engine.max_model_len} tokens; "
+                f"the messages have {prompt_len} tokens{wants}. Shorten the conversation"
+                + (" or ask for fewer tokens." if asked is not None else "."),
+                param="max_tokens" if room >= 1 else "messages",
+                code="context_length_exceeded",
+            )
+        return asked if asked is not None else min(self.settings.max_tokens_default, room)
+
+    async def _generate(self, job: _Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """Run the engine into ``job``; store the completion before the caller sees the end."""
+        outcome = "aborted"
+        try:
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    job.add(delta)
+                    yield delta
+            await self.store.save(job.completion())
+            outcome = "ok"
+        finally:
+            metrics.REQUESTS.labels(outcome=outcome).inc()
+            if outcome == "ok":
+                metrics.PROMPT_TOKENS.inc(job.usage.prompt_tokens)
+                metrics.COMPLETION_TOKENS.inc(job.usage.completion_tokens)
+                stream = "true" if job.request.stream else "false"
+                metrics.LATENCY.labels(stream=stream).observe(time.monotonic() - job.started)
+                if job.first_token_at is not None:
+                    metrics.TIME_TO_FIRST_TOKEN.observe(job.first_token_at - job.started)
+
+    async def _complete(self, job: _Job, deltas: AsyncIterator[Delta]) -> ChatCompletionResponse:
+        async with aclosing(self._generate(job, deltas)) as events:
+            async for _ in events:
+                pass
+        return ChatCompletionResponse(
+            id=job.id,
+            model=self.settings.model_name,
+            system_fingerprint=job.version,
+            choices=[
+                Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
+                for i, (text, reason) in enumerate(zip(job.texts, job.finish, strict=True))
+            ],
+            usage=_usage(job.usage),
+        )
+
+    async def _stream(self, job: _Job, deltas: AsyncIterator[Delta]) -> AsyncGenerator[str, None]:
+        created = int(time.time())
+        announced: set[int] = set()
+
+        def chunk(choices: list[ChunkChoice], usage: UsageInfo | None = None) -> str:
+            return sse(
+                ChatCompletionChunk(
+                    id=job.id,
+                    created=created,
+                    model=self.settings.model_name,
+                    system_fingerprint=job.version,
+                    choices=choices,
+                    usage=usage,
+                ).model_dump_json()
+            )
+
+        try:
+            async with aclosing(self._generate(job, deltas)) as events:
+                async for delta in events:
+                    if delta.index not in announced:  # OpenAI's order: the role comes first
+                        announced.add(delta.index)
+                        role = DeltaMessage(role="assistant", content="")
+                        yield chunk([ChunkChoice(index=delta.index, delta=role)])
+                    if delta.text or delta.finish_reason:
+                        content = DeltaMessage(content=delta.text)
+                        choice = ChunkChoice(
+                            index=delta.index, delta=content, finish_reason=delta.finish_reason
+                        )
+                        yield chunk([choice])
+        except Exception:  # the status line is sent already: report in the stream itself
+            log.exception("chat completion %s failed while streaming", job.id)
+            error = ErrorResponse.make(
+                500, "Generation failed (details are in the server log).", type="server_error"
+            )
+            yield sse(error.model_dump_json())
+        else:
+            if job.request.include_usage:
+                yield chunk([], _usage(job.usage))
+        yield sse("[DONE]")
+
+
+def _usage(usage: Usage) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )

@@ -1,0 +1,123 @@
+"""A synthetic preference small enough for a nano model: users like answers with more "yes".
+
+Answers are six words, each "yes" or "no"; a user ranks the K answers of a prompt by how many
+"yes" they contain (equal counts tied). A policy fine-tuned to answer in that format (a few
+seconds of SFT here) starts at about half "yes"; the reward model learns the preference from
+rankings and PPO should move the policy toward "yes" while the KL penalty holds it near SFT.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learn.presets import new_model, save_model
+from learn.tokenizer import train_tokenizer
+
+WORDS = ("yes", "no")
+ANSWER_WORDS = 6
+PROMPTS = [
+    "Say yes or no.",
+    "Yes or no?",
+    "Answer with yes or no.",
+    "Tell me yes or no, please.",
+    "Do you agree? Yes or no.",
+    "Is it true? Say yes or no.",
+    "Reply yes or no.",
+    "Yes, or no?",
+]
+
+
+def prompt_messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def random_answer(rng: random.Random, p_yes: float = 0.5) -> str:
+    return " ".join("yes" if rng.random() < p_yes else "no" for _ in range(ANSWER_WORDS))
+
+
+def yes_count(answer: str) -> int:
+    return answer.split().count("yes")
+
+
+def rank_by_yes(candidates: list[str]) -> list[list[int]]:
+    """Best to worst by the number of "yes"; equal counts form a tie group."""
+    counts = sorted({yes_count(c) for c in candidates}, reverse=True)
+    return [[i for i, c in enumerate(candidates) if yes_count(c) == n] for n in counts]
+
+
+def preference_events(count: int, k: int = 4, seed: int = 0) -> list[dict]:
+    """Feedback events (brief contract 1) of a user who prefers more "yes"."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(count):
+        candidates = [random_answer(rng, p_yes=rng.random()) for _ in range(k)]
+        events.append({
+            "id": uuid.UUID(int=rng.getrandbits(128)).hex,
+            "completion_id": f"chatcmpl-{i}",
+            "messages": prompt_messages(rng.randrange(len(PROMPTS))),
+            "candidates": candidates,
+            "ranking": rank_by_yes(candidates),
+            "all_bad": False,
+            "user": "tester",
+            "comment": None,
+            "version": "v1",
+            "time": time.time(),
+        })  # fmt: skip
+    return events
+
+
+def yes_no_tokenizer():
+    texts = [*PROMPTS, *(f"{a} {b} {a} {b}" for a in WORDS for b in WORDS)]
+    return train_tokenizer(texts * 4, vocab_size=300)
+
+
+def sft_yes_no_policy(out_dir: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A nano Llama fine-tuned (loss on assistant tokens) to answer six random yes/no words."""
+    tokenizer = yes_no_tokenizer()
+    model = new_model("nano", tokenizer, seed=seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        conversations = [
+            [*prompt_messages(rng.randrange(len(PROMPTS))),
+             {"role": "assistant", "content": random_answer(rng)}]
+            for _ in range(16)
+        ]  # fmt: skip
+        batch = tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_tensors="pt", padding=True,
+            return_assistant_tokens_mask=True,
+        )  # fmt: skip
+        labels = batch["input_ids"].masked_fill(batch["assistant_masks"] == 0, -100)
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_model(model.eval(), tokenizer, out_dir)
+
+
+@torch.no_grad()
+def sample_answers(model_dir: Path, n: int, max_new_tokens: int = 16, seed: int = 1) -> list[str]:
+    """Fresh answers of the policy in ``model_dir`` to the prompts, decoded."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    answers = []
+    for i in range(len(PROMPTS)):
+        ids = tokenizer.apply_chat_template(
+            prompt_messages(i), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        out = model.generate(
+            ids, do_sample=True, num_return_sequences=n // len(PROMPTS),
+            max_new_tokens=max_new_tokens, top_k=0, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return answers

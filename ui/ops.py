@@ -1,0 +1,200 @@
+"""The operator page at ``/ops``: checkpoints, promote / rollback, and the learning loop's curves.
+
+It reaches state only through :class:`serve.admin.AdminService` (what ``/admin/*`` calls), so
+the page and the API cannot disagree about what a promotion is. Nothing shows before the admin
+token is entered; the token is checked again on every action, so a session opened before the
+token changed stops working.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI
+from matplotlib.figure import Figure
+
+from serve.admin import AdminAuthError, AdminService, check_admin_token
+from serve.registry import RegistryError
+
+TABLE_HEADERS = ["version", "kind", "parent", "created", "alias", "gate", "gate reasons", "metrics"]
+# (title, where in a round record) of each curve, one panel per entry.
+CURVES: list[tuple[str, Callable[[dict], Any]]] = [
+    ("reward (PPO mean)", lambda r: (r.get("ppo") or {}).get("reward_mean")),
+    ("KL to reference", lambda r: (r.get("ppo") or {}).get("kl")),
+    ("reward-model held-out accuracy", lambda r: (r.get("rm") or {}).get("heldout_accuracy")),
+    ("new rankings", lambda r: r.get("rankings_new")),
+]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def versions_table(state: dict[str, Any]) -> list[list[str]]:
+    """One row per version, newest first, with its alias, gate verdict and metrics."""
+    marks = {state[a]: a for a in ("previous", "candidate", "live") if state.get(a)}
+    rows = []
+    for v in reversed(state["versions"]):
+        gate = v.get("gate")
+        rows.append(
+            [
+                v["version"],
+                v["kind"],
+                v["parent"] or "",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created_at"])),
+                marks.get(v["version"], ""),
+                "" if gate is None else ("passed" if gate["passed"] else "FAILED"),
+                "" if gate is None else "; ".join(map(str, gate.get("reasons") or [])),
+                ", ".join(f"{k}={_number(x)}" for k, x in sorted(v["metrics"].items())),
+            ]
+        )
+    return rows
+
+
+def loop_figure(rounds: list[dict]) -> Figure:
+    """Reward, KL, reward-model accuracy and new rankings for each completed round."""
+    done = [r for r in rounds if r.get("status") == "done"]
+    fig = Figure(figsize=(4 * len(CURVES), 3))  # no pyplot: no global state, no GUI backend
+    axes = fig.subplots(1, len(CURVES), squeeze=False)
+    for ax, (title, pick) in zip(axes[0], CURVES, strict=True):
+        points = [(i, pick(r)) for i, r in enumerate(done, 1) if pick(r) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loop_summary(loop: dict[str, Any]) -> str:
+    last = loop["rounds"][-1] if loop["rounds"] else None
+    lines = [
+        f"**Rankings:** {loop['rankings_total']} in total, {loop['rankings_since_last_round']} "
+        f"since the last round; next round in {loop['next_round_in']} "
+        f"(every {loop['round_every']}).",
+        f"**Auto-promote:** {'on' if loop['auto_promote'] else 'off'} · "
+        f"**round running:** {'yes' if loop['round_running'] else 'no'}",
+    ]
+    if last:
+        outcome = last.get("error") or (
+            f"candidate {last.get('candidate')}, promoted: {last.get('promoted')}"
+        )
+        lines.append(f"**Last round** `{last['round']}` ({last['status']}): {outcome}")
+    return "\n\n".join(lines)
+
+
+def history_rows(history: list[dict]) -> list[list[str]]:
+    return [
+        [
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"])),
+            h["action"],
+            h["version"],
+            h["from"] or "",
+            h["by"],
+            h["reason"],
+        ]
+        for h in reversed(history)
+    ]
+
+
+def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
+    """The page; ``get_admin`` returns the service of the running app (resolved per call, so
+    the page can be built before the app's lifespan has created the registry)."""
+
+    def authorised(token: str | None) -> AdminService:
+        admin = get_admin()
+        try:
+            check_admin_token(admin.settings.admin_token, token)
+        except AdminAuthError as exc:
+            raise gr.Error(str(exc)) from None
+        return admin
+
+    def snapshot(admin: AdminService) -> tuple:
+        state = admin.checkpoints()
+        loop = admin.loop_status()
+        policies = [v["version"] for v in state["versions"] if v["kind"] in ("sft", "ppo")]
+        aliases = f"**live:** {state['live']} · **previous:** {state['previous'] or '—'} · " + (
+            f"**candidate:** {state['candidate'] or '—'}"
+        )
+        return (
+            aliases,
+            versions_table(state),
+            gr.update(choices=list(reversed(policies)), value=state["candidate"]),
+            loop_summary(loop),
+            loop_figure(loop["rounds"]),
+            history_rows(admin.history()),
+        )
+
+    def login(token: str) -> tuple:
+        admin = authorised(token)
+        return (token, gr.update(visible=False), gr.update(visible=True), "", *snapshot(admin))
+
+    def refresh(token: str) -> tuple:
+        return ("", *snapshot(authorised(token)))
+
+    def promote(token: str, version: str | None, reason: str, force: bool) -> tuple:
+        admin = authorised(token)
+        if not version:
+            raise gr.Error("choose a version to promote")
+        try:
+            state = admin.promote(version, by="ops-page", reason=reason, force=force)
+        except RegistryError as exc:
+            raise gr.Error(str(exc)) from None
+        return (f"Promoted {version}: live is now {state['live']}.", *snapshot(admin))
+
+    def rollback(token: str, reason: str) -> tuple:
+        admin = authorised(token)
+        try:
+            state = admin.rollback(by="ops-page", reason=reason)
+        except RegistryError as exc:
+            raise gr.Error(str(exc)) from None
+        return (f"Rolled back: live is now {state['live']}.", *snapshot(admin))
+
+    with gr.Blocks(title="loopchat · operator") as page:
+        token_state = gr.State("")
+        gr.Markdown("# loopchat · operator")
+        with gr.Column(visible=True) as login_box:
+            token_box = gr.Textbox(label="Admin token", type="password", elem_id="admin-token")
+            login_button = gr.Button("Log in", variant="primary", elem_id="login")
+        with gr.Column(visible=False) as panel:
+            aliases = gr.Markdown(elem_id="aliases")
+            message = gr.Markdown(elem_id="message")
+            table = gr.Dataframe(
+                headers=TABLE_HEADERS, interactive=False, label="Versions", elem_id="versions"
+            )
+            with gr.Row():
+                version = gr.Dropdown(label="Version", choices=[], elem_id="promote-version")
+                reason = gr.Textbox(label="Reason (kept in the history)", elem_id="reason")
+                force = gr.Checkbox(label="Force (ignore a failed gate)", elem_id="force")
+            with gr.Row():
+                promote_button = gr.Button("Promote", variant="primary", elem_id="promote")
+                rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
+                refresh_button = gr.Button("Refresh", elem_id="refresh")
+            loop_text = gr.Markdown(elem_id="loop")
+            plot = gr.Plot(label="Per round", elem_id="loop-plot")
+            history = gr.Dataframe(
+                headers=["time", "action", "version", "from", "by", "reason"],
+                interactive=False,
+                label="Live history",
+                elem_id="history",
+            )
+        shown = [aliases, table, version, loop_text, plot, history]
+        login_button.click(login, [token_box], [token_state, login_box, panel, message, *shown])
+        token_box.submit(login, [token_box], [token_state, login_box, panel, message, *shown])
+        refresh_button.click(refresh, [token_state], [message, *shown])
+        promote_button.click(promote, [token_state, version, reason, force], [message, *shown])
+        rollback_button.click(rollback, [token_state, reason], [message, *shown])
+    return page
+
+
+def mount_ops(app: FastAPI) -> FastAPI:
+    """Mount the page at ``/ops`` on ``app`` (before any page mounted at ``/``)."""
+
+    def get_admin() -> AdminService:
+        return AdminService(app.state.registry, app.state.settings)
+
+    return gr.mount_gradio_app(app, build_ops_page(get_admin), path="/ops", ssr_mode=False)
