@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from learn.ppo import sequence_logprobs
+from learn.ppo import encode_prompt, sequence_logprobs
 from learn.reward import load_reward_model, score
 from serve.feedback import normalise_ranking, ranking_pairs
 from serve.registry import weights_finite
@@ -66,8 +66,7 @@ def load_policy(model_dir: Path) -> PreTrainedModel:
 
 def encode(tokenizer: Any, messages: Messages, answer_ids: list[int]) -> tuple[list[int], int]:
     """Token ids of prompt + answer, and where the answer starts."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = encode_prompt(tokenizer, messages, tokenizer.model_max_length)
     return prompt + answer_ids, len(prompt)
 
 

@@ -154,7 +154,9 @@ class LoopConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_settings(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> LoopConfig:
+    def from_settings(
+        cls, settings: Settings, overrides: dict[str, Any] | None = None
+    ) -> LoopConfig:
         """Defaults, then ``settings.loop_config`` (JSON), then ``overrides``."""
         config = cls().with_overrides(json.loads(settings.loop_config or "{}"))
         return config.with_overrides(overrides or {})
@@ -220,7 +222,9 @@ def has_preference(event: Event) -> bool:
     return next(ranking_pairs(normalise_ranking(event["ranking"])), None) is not None
 
 
-def split_recent(entries: list[Entry], fraction: float, cap: int) -> tuple[list[Entry], list[Entry]]:
+def split_recent(
+    entries: list[Entry], fraction: float, cap: int
+) -> tuple[list[Entry], list[Entry]]:
     """(train, held-out): the most recent ``fraction`` (at most ``cap``, at least one when there
     are two or more) is held out, so the model is judged on what users said last."""
     if len(entries) < 2 or fraction <= 0:

@@ -139,7 +139,7 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-# --- the model --------------------------------------------------------------------------------------
+# --- the model -----------------------------------------------------------------------------------
 
 
 def init_reward_model(init_dir: str | Path, seed: int) -> tuple[PreTrainedModel, bool]:
@@ -193,7 +193,7 @@ def normalize_rewards(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor
     return (raw - model.config.reward_mean) / model.config.reward_std
 
 
-# --- training ---------------------------------------------------------------------------------------
+# --- training ------------------------------------------------------------------------------------
 
 
 def ranking_batch_rewards(
@@ -311,7 +311,7 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-# --- scoring ----------------------------------------------------------------------------------------
+# --- scoring -------------------------------------------------------------------------------------
 
 
 @torch.no_grad()

@@ -84,4 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from ui.ops import mount_ops  # gradio: imported only when an app is built
 
     mount_ops(app)  # before any page mounted at "/", which would shadow /ops
+    from ui.chat import mount_chat
+
+    mount_chat(app)  # last: the mount at "/" catches every path not matched above
     return app

@@ -1,4 +1,4 @@
-"""Start a learning round every ``LOOPCHAT_ROUND_EVERY`` new rankings (called by the feedback route).
+"""Queue a learning round every ``LOOPCHAT_ROUND_EVERY`` new rankings (the feedback route calls it).
 
 The API never imports training code: it sends the Celery task ``learn.tasks.run_round`` *by
 name* to the ``learn`` queue on the same Redis the store uses, and a worker (``loopchat

@@ -11,12 +11,14 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learn.presets import new_model, save_model
+from learn.reward import RewardConfig, train_reward_model
 from learn.tokenizer import train_tokenizer
 
 WORDS = ("yes", "no")
@@ -121,3 +123,28 @@ def sample_answers(model_dir: Path, n: int, max_new_tokens: int = 16, seed: int 
         )  # fmt: skip
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return answers
+
+
+def cached_dir(base: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(path)`` once per test session, so test modules share the models they need."""
+    path = base / name
+    if not (path / "config.json").exists():
+        build(path)
+    return path
+
+
+def shared_sft_policy(base: Path) -> Path:
+    return cached_dir(base, "yes-no-sft", sft_yes_no_policy)
+
+
+REWARD_CONFIG = RewardConfig(learning_rate=1e-3, epochs=2)
+
+
+def shared_reward_model(base: Path) -> Path:
+    """A reward model that learned the "more yes" preference from 160 rankings."""
+    sft = shared_sft_policy(base)
+    return cached_dir(
+        base,
+        "yes-no-rm",
+        lambda out: train_reward_model(preference_events(160), sft, out, REWARD_CONFIG),
+    )

@@ -1,0 +1,624 @@
+"""PPO with a per-token KL penalty to the SFT model and PPO-ptx: InstructGPT's RL stage.
+
+One step, as :func:`train_ppo` runs it:
+
+1. **generation** — the current policy samples one answer per prompt. By default the sampler is
+   an in-process vLLM engine whose weights are overwritten in memory after every update (no
+   checkpoint written, no engine restart); transformers ``generate`` is the fallback.
+2. **forwards** — without gradients: the policy's log-probs and values (value head on the
+   policy's own last hidden states), the frozen SFT reference's log-probs, and the reward
+   model's score at the answer's last token, normalised with the statistics stored with it.
+3. **advantages** — per-token reward −β·KL(π‖π_SFT) plus the score at the last token, GAE,
+   whitened advantages (``learn.rlhf``).
+4. **backward** — ``ppo_epochs`` passes over the batch in minibatches: clipped policy loss,
+   clipped value loss, and the PPO-ptx term −γ·log-likelihood on a batch of pre-training text.
+5. **sync** — the new weights go into the sampler; the KL controller updates β.
+
+Layout of a batch: prompt + answer, right-padded; ``response_index[b, t]`` is the position whose
+hidden state predicts answer token ``t`` (so logits, values and reference log-probs are gathered
+there). Right padding keeps position ids plain and never leaves a query row fully masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from learn import rlhf
+from learn.presets import save_model
+from learn.reward import last_token_rewards, load_reward_model, normalize_rewards
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class PPOConfig:
+    """Settings of one PPO run. Defaults follow TRL's PPOTrainer where they overlap."""
+
+    steps: int = field(
+        default=8, metadata={"help": "PPO steps (each: one rollout batch, then its updates)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Episodes (prompts) per rollout batch."})
+    mini_batch_size: int = field(
+        default=8, metadata={"help": "Episodes per gradient step inside a PPO epoch."}
+    )
+    ppo_epochs: int = field(
+        default=4, metadata={"help": "Passes over each rollout batch (PPO's sample reuse)."}
+    )
+    response_length: int = field(
+        default=64, metadata={"help": "Most tokens sampled per answer (end-of-turn included)."}
+    )
+    max_prompt_length: int = field(
+        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature; log-probs use the same scaled logits."},
+    )
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ."})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip ε."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around old values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "β of the per-token KL penalty (initial β if adaptive)."}
+    )
+    kl_estimator: rlhf.KLEstimator = field(
+        default="k1",
+        metadata={"help": "Per-token KL estimator: k1 = log π − log π_SFT, k3 = (ρ−1) − log ρ."},
+    )
+    adaptive_kl: bool = field(
+        default=True,
+        metadata={"help": "Steer β toward kl_target (Ziegler et al. 2019); False: fixed β."},
+    )
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Target KL(π‖π_SFT) per answer, nats (adaptive β)."}
+    )
+    kl_horizon: int = field(
+        default=10_000, metadata={"help": "Episodes over which adaptive β corrects its error."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Subtracted from the score of answers cut at response_length."},
+    )
+    ptx_coef: float = field(
+        default=0.1,
+        metadata={"help": "γ of PPO-ptx: weight of the pre-training log-likelihood (0 = off)."},
+    )
+    ptx_batch_size: int = field(
+        default=4, metadata={"help": "Pre-training blocks per gradient step (PPO-ptx)."}
+    )
+    ptx_length: int = field(default=128, metadata={"help": "Tokens per pre-training block."})
+    engine: Literal["vllm", "hf"] = field(
+        default="vllm",
+        metadata={"help": "Rollout sampler: in-process vLLM (weights synced in memory) or HF."},
+    )
+    vllm_kv_cache_bytes: int = field(
+        default=64 << 20, metadata={"help": "KV cache of the vLLM sampler, bytes (CPU)."}
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order, ptx."})
+
+
+# --- batches of prompt + answer ------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled answers as right-padded tensors (see the module docstring)."""
+
+    input_ids: torch.Tensor  # (B, L) prompt + answer, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    response_index: torch.Tensor  # (B, R) position predicting answer token t
+    responses: torch.Tensor  # (B, R) answer tokens, pad after the end
+    response_mask: torch.Tensor  # (B, R) float, 1 on answer tokens
+    ended: torch.Tensor  # (B,) bool: the answer closed with end-of-turn
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        return Rollout(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+def make_rollout(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, eos_id: int
+) -> Rollout:
+    """Lay out prompt + answer pairs (every answer at least one token long)."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    r_width = max(len(r) for r in responses)
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_index = torch.zeros((n, r_width), dtype=torch.long)
+    response_tokens = torch.full((n, r_width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, r_width))
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids = torch.tensor([*p, *r], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        response_index[row] = (len(p) - 1 + torch.arange(r_width)).clamp(max=len(ids) - 2)
+        response_tokens[row, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[row, : len(r)] = 1.0
+    ended = torch.tensor([len(r) > 0 and r[-1] == eos_id for r in responses])
+    return Rollout(input_ids, attention_mask, response_index, response_tokens, response_mask, ended)
+
+
+def encode_prompt(tokenizer: Any, messages: Messages, max_length: int) -> list[int]:
+    """The conversation through the chat template, ending where the assistant answers."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)[-max_length:]
+
+
+def prompt_batches(n_prompts: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of prompt indices: shuffled passes over all prompts, one after another."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += rng.sample(range(n_prompts), n_prompts)
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def pack_ptx(tokenizer: Any, texts: Sequence[str], length: int) -> torch.Tensor:
+    """Pre-training text as (N, length) blocks of token ids (texts joined by end-of-turn)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) < length:  # too little text for one block: repeat it
+        ids = ids * (length // len(ids) + 1)
+    n = len(ids) // length
+    return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
+
+
+# --- the policy with a value head ----------------------------------------------------------------
+
+
+class PolicyWithValue(nn.Module):
+    """The causal LM plus a scalar value head reading the same last hidden states.
+
+    Sharing the backbone halves the forwards of a separate value model; the head starts at zero
+    (values 0, so the first advantages are the rewards themselves) and is not saved: the output
+    is the policy alone, loadable as it is by transformers and vLLM.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, batch: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, R, V) over answer tokens, scaled by 1/temperature; values (B, R))."""
+        hidden = self.lm.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        index = batch.response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        hidden = hidden.gather(1, index)
+        logits = self.lm.get_output_embeddings()(hidden).float() / temperature
+        return logits, self.value_head(hidden).squeeze(-1).float()
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probs (B, T−1): entry t is log p(input_ids[t+1] | input_ids[..t]).
+
+    Positions whose target is padding are 0. Works with left or right padding (position ids
+    follow the attention mask).
+    """
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
+    ).logits[:, :-1]  # fmt: skip
+    logprobs = rlhf.logprobs_from_logits(logits.float() / temperature, input_ids[:, 1:])
+    return logprobs * attention_mask[:, 1:]
+
+
+# --- samplers ------------------------------------------------------------------------------------
+
+
+class HFSampler:
+    """transformers ``generate`` on the training policy itself (always in sync, slower)."""
+
+    def __init__(self, policy: PolicyWithValue, tokenizer: Any, config: PPOConfig) -> None:
+        self.policy, self.tokenizer, self.config = policy, tokenizer, config
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], None]:
+        """One sampled answer per prompt, cut after its end-of-turn token."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # generate wants left padding
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        out = self.policy.lm.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True,
+            temperature=self.config.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=self.config.response_length, pad_token_id=pad, eos_token_id=eos,
+        )  # fmt: skip
+        responses = []
+        for row in out[:, width:].tolist():
+            responses.append(row[: row.index(eos) + 1] if eos in row else row)
+        return responses, None
+
+    def sync(self, policy: PolicyWithValue) -> None:
+        """Nothing to do: generation uses the training weights."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class VLLMSampler:
+    """An in-process vLLM engine sampling from the policy, its weights updated in memory.
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process, which is what
+    lets ``collective_rpc("reload_weights", weights_iterator=…)`` take the trainer's tensors
+    directly; the prefix cache is reset after each reload (it holds the old weights' KV).
+    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the life of the
+    process; :meth:`close` puts the real one back so later training in a long-lived worker
+    can still set its threads.
+    """
+
+    def __init__(self, model_dir: Path, config: PPOConfig) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm import LLM, SamplingParams
+
+        self._set_num_threads = torch.set_num_threads
+        self.llm = LLM(
+            model=str(model_dir), enforce_eager=True, dtype="float32", seed=config.seed,
+            kv_cache_memory_bytes=config.vllm_kv_cache_bytes,
+            max_model_len=config.max_prompt_length + config.response_length + 1,
+        )  # fmt: skip
+        self.params = SamplingParams(
+            temperature=config.temperature, top_p=1.0, top_k=0,
+            max_tokens=config.response_length, logprobs=0, detokenize=False,
+        )  # fmt: skip
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """One answer per prompt (ending in end-of-turn when the model ended it), and the
+        engine's log-prob of each sampled token (to check it agrees with the trainer's)."""
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], self.params, use_tqdm=False
+        )
+        responses, logprobs = [], []
+        for out in outs:
+            sample = out.outputs[0]
+            responses.append(list(sample.token_ids))
+            logprobs.append(
+                [
+                    step[tok].logprob
+                    for step, tok in zip(sample.logprobs, sample.token_ids, strict=True)
+                ]
+            )
+        return responses, logprobs
+
+    def sync(self, policy: PolicyWithValue) -> None:
+        """Load the policy's current weights into the engine, in place."""
+        weights = ((name, t.detach()) for name, t in policy.lm.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        torch.set_num_threads = self._set_num_threads
+
+
+# --- one PPO step --------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """A scored rollout batch: everything the PPO epochs need, fixed during them."""
+
+    rollout: Rollout
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def score_rollout(
+    policy: PolicyWithValue,
+    ref: PreTrainedModel,
+    rm: PreTrainedModel,
+    rollout: Rollout,
+    kl_coef: float,
+    config: PPOConfig,
+) -> tuple[Experience, dict[str, float]]:
+    """The no-gradient forwards, the per-token rewards and the advantages."""
+    mask = rollout.response_mask
+    with torch.no_grad(), autocast(config.bf16):
+        logits, values = policy(rollout, config.temperature)
+        logprobs = rlhf.logprobs_from_logits(logits, rollout.responses)
+        entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
+        del logits
+        ref_all = sequence_logprobs(
+            ref, rollout.input_ids, rollout.attention_mask, config.temperature
+        )
+        ref_logprobs = ref_all.gather(1, rollout.response_index)
+        scores = normalize_rewards(
+            rm, last_token_rewards(rm, rollout.input_ids, rollout.attention_mask).float()
+        )
+    penalised = scores.clone()
+    if config.missing_eos_penalty is not None:
+        penalised[~rollout.ended] -= config.missing_eos_penalty
+    kl = rlhf.kl_per_token(logprobs, ref_logprobs, config.kl_estimator) * mask
+    rewards = rlhf.token_rewards(penalised, kl, mask, kl_coef)
+    advantages, returns = rlhf.gae(rewards, values, mask, config.gamma, config.lam)
+    advantages = rlhf.whiten(advantages, mask)
+    stats = {
+        "reward": scores.mean().item(),
+        "kl": kl.sum(1).mean().item(),
+        "non_score_reward": (-kl_coef * kl).sum(1).mean().item(),
+        "entropy": entropy,
+        "response_length": mask.sum(1).mean().item(),
+        "ended": rollout.ended.float().mean().item(),
+    }
+    return Experience(rollout, logprobs, values * mask, advantages, returns), stats
+
+
+def ppo_update(
+    policy: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    exp: Experience,
+    ptx: torch.Tensor | None,
+    config: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """``ppo_epochs`` shuffled passes of minibatch gradient steps; returns mean statistics."""
+    n = exp.rollout.input_ids.shape[0]
+    totals: dict[str, float] = {}
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.mini_batch_size):
+            rows = order[start : start + config.mini_batch_size]
+            step_stats = ppo_minibatch_step(policy, optimizer, exp, rows, ptx, config, generator)
+            for name, value in step_stats.items():
+                totals[name] = totals.get(name, 0.0) + value
+    n_steps = config.ppo_epochs * -(-n // config.mini_batch_size)
+    return {name: value / n_steps for name, value in totals.items()}
+
+
+def ppo_minibatch_step(
+    policy: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    exp: Experience,
+    rows: torch.Tensor,
+    ptx: torch.Tensor | None,
+    config: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One gradient step on the rows ``rows`` of the experience (plus a ptx batch)."""
+    batch = exp.rollout.select(rows)
+    mask = batch.response_mask
+    old_logprobs, advantages = exp.logprobs[rows], exp.advantages[rows]
+    with autocast(config.bf16):
+        logits, values = policy(batch, config.temperature)
+        logprobs = rlhf.logprobs_from_logits(logits, batch.responses)
+        pg_loss = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, config.cliprange)
+        vf_loss = rlhf.value_loss(
+            values, exp.values[rows], exp.returns[rows], mask, config.cliprange_value
+        )
+        loss = pg_loss + config.vf_coef * vf_loss
+        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item()}
+        if ptx is not None:
+            pick = torch.randint(len(ptx), (config.ptx_batch_size,), generator=generator)
+            ptx_ids = ptx[pick]
+            ptx_mask = torch.ones_like(ptx_ids)
+            ptx_logprobs = sequence_logprobs(policy.lm, ptx_ids, ptx_mask)
+            ptx_term = rlhf.ptx_loss(ptx_logprobs, ptx_mask[:, 1:], config.ptx_coef)
+            loss = loss + ptx_term
+            stats["ptx_loss"] = ptx_term.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+    optimizer.step()
+    with torch.no_grad():
+        lp = logprobs.detach()
+        stats["clip_fraction"] = rlhf.clip_fraction(
+            lp, old_logprobs, advantages, mask, config.cliprange
+        )
+        stats["approx_kl"] = rlhf.approx_kl(lp, old_logprobs, mask)
+    return stats
+
+
+def autocast(enabled: bool) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def load_frozen(model_dir: str | Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def train_ppo(
+    policy_dir: str | Path,
+    ref_dir: str | Path,
+    reward_dir: str | Path,
+    prompts: Sequence[Messages],
+    ptx_texts: Sequence[str] | None,
+    out_dir: str | Path,
+    config: PPOConfig,
+) -> dict[str, Any]:
+    """Run ``config.steps`` PPO steps from ``policy_dir`` and save the policy to ``out_dir``.
+
+    ``ref_dir`` is the frozen SFT reference of the KL penalty, ``reward_dir`` a reward model
+    from ``learn.reward``, ``prompts`` the conversations to answer (cycled), ``ptx_texts``
+    pre-training text for PPO-ptx (None or ``ptx_coef=0``: no ptx). Returns JSON-able metrics:
+    ``reward_mean`` and ``kl`` (means over the last quarter of the steps), ``reward_start``,
+    ``kl_coef``, time per phase, ``episodes_per_s`` and the per-step ``history``.
+    """
+    if not prompts:
+        raise ValueError("PPO needs at least one prompt")
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(str(policy_dir)))
+    ref, rm = load_frozen(ref_dir), load_reward_model(reward_dir)
+    rm.requires_grad_(False)
+    for name, other in (("reference", ref), ("reward model", rm)):
+        if other.config.vocab_size != policy.lm.config.vocab_size:
+            raise ValueError(f"the {name} does not share the policy's vocabulary")
+    prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
+    ptx = (
+        pack_ptx(tokenizer, ptx_texts, config.ptx_length)
+        if ptx_texts and config.ptx_coef > 0
+        else None
+    )
+    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController = (
+        rlhf.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.adaptive_kl
+        else rlhf.FixedKLController(config.kl_coef)
+    )
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = prompt_batches(len(prompt_ids), config.batch_size, random.Random(config.seed))
+    sampler = (
+        VLLMSampler(Path(policy_dir), config)
+        if config.engine == "vllm"
+        else HFSampler(policy, tokenizer, config)
+    )
+    setup = time.perf_counter() - started
+    history: list[dict[str, float]] = []
+    try:
+        for step in range(config.steps):
+            history.append(
+                ppo_step(
+                    policy, ref, rm, sampler, optimizer, kl_ctl, tokenizer,
+                    [prompt_ids[i] for i in next(batches)], ptx, config, generator,
+                )
+            )  # fmt: skip
+            logger.info("ppo step %d: %s", step, _format(history[-1]))
+    finally:
+        sampler.close()
+    save_model(policy.lm, tokenizer, out_dir)
+    return summarize(history, config, kl_ctl.value, setup, time.perf_counter() - started)
+
+
+def ppo_step(
+    policy: PolicyWithValue,
+    ref: PreTrainedModel,
+    rm: PreTrainedModel,
+    sampler: HFSampler | VLLMSampler,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    ptx: torch.Tensor | None,
+    config: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Generation, forwards, backward, sync: one PPO step and its statistics."""
+    clock = time.perf_counter()
+    responses, sampler_logprobs = sampler.generate(prompts)
+    rollout = make_rollout(prompts, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    t_generation = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    kl_coef = kl_ctl.value
+    exp, stats = score_rollout(policy, ref, rm, rollout, kl_coef, config)
+    if sampler_logprobs is not None:
+        stats["sampler_logprob_gap"] = sampler_gap(sampler_logprobs, exp.logprobs)
+    t_forwards = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    policy.train()
+    stats |= ppo_update(policy, optimizer, exp, ptx, config, generator)
+    t_backward = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    sampler.sync(policy)
+    kl_ctl.update(stats["kl"], config.batch_size)
+    t_sync = time.perf_counter() - clock
+    return {
+        **stats,
+        "kl_coef": kl_coef,
+        "time_generation": t_generation,
+        "time_forwards": t_forwards,
+        "time_backward": t_backward,
+        "time_sync": t_sync,
+    }
+
+
+def sampler_gap(sampler_logprobs: list[list[float]], trainer_logprobs: torch.Tensor) -> float:
+    """Mean |log π_sampler − log π_trainer| over sampled tokens: ~0 when the engine's weights
+    are the trainer's (a stale engine after an update shows up here at once)."""
+    total, count = 0.0, 0
+    for row, values in enumerate(sampler_logprobs):
+        theirs = torch.tensor(values, dtype=torch.float32)
+        total += (theirs - trainer_logprobs[row, : len(values)]).abs().sum().item()
+        count += len(values)
+    return total / max(1, count)
+
+
+def summarize(
+    history: list[dict[str, float]],
+    config: PPOConfig,
+    kl_coef: float,
+    setup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Run-level metrics; reward and KL are averaged over the last quarter of the steps."""
+    tail = history[-max(1, len(history) // 4) :]
+
+    def mean(name: str, rows: list[dict[str, float]] = tail) -> float:
+        return sum(r[name] for r in rows) / len(rows)
+
+    phases = ("generation", "forwards", "backward", "sync")
+    time_by_phase = {p: sum(r[f"time_{p}"] for r in history) for p in phases}
+    loop_time = sum(time_by_phase.values())
+    episodes = len(history) * config.batch_size
+    return {
+        "steps": len(history),
+        "episodes": episodes,
+        "reward_mean": mean("reward"),
+        "reward_start": history[0]["reward"],
+        "kl": mean("kl"),
+        "kl_coef": kl_coef,
+        "entropy": mean("entropy"),
+        "clip_fraction": mean("clip_fraction"),
+        "approx_kl": mean("approx_kl"),
+        "value_loss": mean("value_loss"),
+        "episodes_per_s": episodes / loop_time,
+        "time": {**time_by_phase, "setup": setup, "total": seconds},
+        "engine": config.engine,
+        "config": asdict(config),
+        "history": history,
+    }
+
+
+def _format(stats: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in stats.items())

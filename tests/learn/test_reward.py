@@ -1,0 +1,115 @@
+"""The reward model learns a preference from K-wise rankings, and reloads and scores as trained."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from learn.reward import RewardConfig, load_reward_model, score, train_reward_model
+from tests.learn.rlhf_helpers import (
+    REWARD_CONFIG,
+    preference_events,
+    prompt_messages,
+    shared_sft_policy,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Nano models train faster on one thread than on two cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_sft_policy(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def trained(sft_policy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("rm")
+    heldout = preference_events(60, seed=1)
+    metrics = train_reward_model(
+        preference_events(160), sft_policy, out, REWARD_CONFIG, heldout_events=heldout
+    )
+    return out, metrics
+
+
+def test_reward_model_learns_the_preference_to_90_percent_heldout_pairwise_accuracy(
+    trained: tuple[Path, dict],
+) -> None:
+    _, metrics = trained
+    assert metrics["heldout_accuracy"] >= 0.9
+    assert metrics["heldout_rankings"] == 60
+    assert metrics["rankings"] == 160
+    assert metrics["warm_start"] is False
+    # K = 4: at most C(4, 2) = 6 pairs a ranking, fewer where answers tie
+    assert 160 < metrics["pairs"] <= 160 * 6
+
+
+def test_saved_reward_model_reloads_and_scores_normalised(
+    trained: tuple[Path, dict], sft_policy: Path
+) -> None:
+    out, metrics = trained
+    rm = load_reward_model(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert rm.config.reward_mean == pytest.approx(metrics["reward_mean"])
+    assert rm.config.reward_std == pytest.approx(metrics["reward_std"])
+
+    events = preference_events(160)  # the training rankings: normalised to mean 0, std 1
+    messages = [e["messages"] for e in events for _ in e["candidates"]]
+    answers = [c for e in events for c in e["candidates"]]
+    normalised = score(rm, tokenizer, messages, answers)
+    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert normalised.std().item() == pytest.approx(1.0, abs=1e-3)
+    raw = score(rm, tokenizer, messages, answers, normalize=False)
+    assert torch.allclose(raw, normalised * metrics["reward_std"] + metrics["reward_mean"])
+
+    best, worst = score(
+        rm, tokenizer, [prompt_messages(0)] * 2, ["yes yes yes yes yes yes", "no no no no no no"]
+    )
+    assert best > worst
+
+
+def test_refresh_warm_starts_from_the_previous_reward_model(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
+    previous, _ = trained
+    # a single step on 4 new rankings: a new head could not be at 90%, a warm start stays there
+    config = RewardConfig(learning_rate=1e-4, epochs=1, rankings_per_batch=4)
+    metrics = train_reward_model(
+        preference_events(4, seed=7), previous, tmp_path, config,
+        heldout_events=preference_events(60, seed=1),
+    )  # fmt: skip
+    assert metrics["warm_start"] is True
+    assert metrics["steps"] == 1
+    assert metrics["heldout_accuracy"] >= 0.9
+
+
+def test_without_heldout_events_the_most_recent_rankings_are_held_out(
+    sft_policy: Path, tmp_path: Path
+) -> None:
+    events = preference_events(20, seed=3)
+    events[0]["ranking"], events[0]["all_bad"] = [], True  # all bad: nothing to learn from
+    events[1]["ranking"] = [[0, 1, 2, 3]]  # all tied: no pair either
+    config = RewardConfig(epochs=1, heldout_fraction=0.25)
+    metrics = train_reward_model(events, sft_policy, tmp_path, config)
+    assert metrics["rankings"] + metrics["heldout_rankings"] == 18
+    assert metrics["heldout_rankings"] == 4
+    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0
+
+
+def test_malformed_event_is_refused_with_its_id(sft_policy: Path, tmp_path: Path) -> None:
+    events = preference_events(3)
+    events[1]["ranking"] = [[0], [7]]
+    with pytest.raises(ValueError, match=events[1]["id"]):
+        train_reward_model(events, sft_policy, tmp_path, RewardConfig())
+    with pytest.raises(ValueError, match="no ranking"):
+        train_reward_model([], sft_policy, tmp_path, RewardConfig())
