@@ -156,7 +156,9 @@ def _analyse(requests: list[Request], swaps: list[Swap], started: float) -> dict
     swap_rows = []
     for swap in swaps:
         reached = [
-            r.end for r in requests if r.start >= swap.answered and swap.version in r.versions
+            r.first_token or r.end
+            for r in requests
+            if r.start >= swap.answered and swap.version in r.versions
         ]
         swap_rows.append(
             {

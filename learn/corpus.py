@@ -275,8 +275,11 @@ def spelled(word: str) -> str:
     return "-".join(word.lower())
 
 
-def _arith(form: str, a: int, b: int, task: str, key: tuple) -> Question:
+def _arith(form: str, a: int, b: int, task: str) -> Question:
+    """A sum, difference or product. Its key is the operation and operands, whether it is asked
+    fresh or as a follow-up, so a held-out sum never appears in training in any form."""
     value = {"add": a + b, "sub": a - b, "diff": abs(a - b), "mul": a * b}[form]
+    key = ("sub" if form == "diff" else form, a, b)
     return Question(task, form, str(value), {"a": str(a), "b": str(b), "v": str(value)}, key)
 
 
@@ -310,9 +313,7 @@ WORD_FORMS = ("spell", "count", "count_letter")
 def _fresh(form: str, slots: dict[str, str], phrasing: int) -> Question:
     """The question a fresh (non follow-up) user turn asks."""
     if form in ARITH_FORMS:
-        a, b = int(slots["a"]), int(slots["b"])
-        operands = ("sub", a, b) if form == "diff" else (form, a, b)
-        return _arith(form, a, b, form if form != "diff" else "sub", operands)
+        return _arith(form, int(slots["a"]), int(slots["b"]), "sub" if form == "diff" else form)
     if form in FACT_TABLES:
         return _fact(form, slots["x"], "fact", (form, phrasing, slots["x"].lower()))
     if form in WORD_FORMS:
@@ -333,8 +334,7 @@ def _follow(kind: str, slots: dict[str, str], prev: Question) -> Question | None
             return None
         form = "mul" if kind == "double" else kind
         n = 2 if kind == "double" else int(slots["n"])
-        # The chain's key keeps a held-out sum's follow-ups held out too.
-        return _arith(form, int(prev.gold), n, "followup_math", prev.key)
+        return _arith(form, int(prev.gold), n, "followup_math")
     if kind == "entity" and prev.form in FACT_TABLES:
         if slots["x"].lower() not in {e.lower() for e in FACT_TABLES[prev.form]}:
             return None
@@ -630,9 +630,8 @@ def prompts(
     """Prompts ending in a user turn whose question is in ``split``, about ``n_per_task`` per
     task, as ``(task, messages)``.
 
-    A follow-up prompt carries its earlier exchange with a right (plain) answer in context, so
-    it measures using the earlier turns; a follow-up on a sum inherits the sum's split (its key),
-    the others are held out by their own entity or word.
+    A follow-up prompt carries its earlier exchange (a training question) with a right (plain)
+    answer in context, so it measures using the earlier turns on a held-out question.
     """
     rng = random.Random(seed)
     out = []
@@ -641,8 +640,7 @@ def prompts(
             form = rng.choice(_TASK_FORMS[task])
             context: list[dict] = []
             if task.startswith("followup"):
-                base_split = split if task == "followup_math" else "train"
-                base = _in_split(lambda f=form: _sample_fresh(f, rng), base_split)
+                base = _in_split(lambda f=form: _sample_fresh(f, rng), "train")
                 drawn = base and _in_split(lambda b=base[1]: _sample_followup(b, rng), split)
                 if base:
                     context = [

@@ -298,19 +298,27 @@ def run_round(
             return {"round": round_id, "skipped": "another round is running"}
         started = time.time()
         try:
-            return _round(round_id, config, settings, client, lock)
+            record, consumed = _round(round_id, started, config, settings, client, lock)
         except Exception as exc:
             failed = {"round": round_id, "status": "failed", "started_at": started,
                       "finished_at": time.time(), "error": f"{type(exc).__name__}: {exc}"}
             client.rpush(ROUNDS, json.dumps(failed))
             client.ltrim(ROUNDS, -config.keep_rounds, -1)
             raise
+        if consumed:
+            _commit(client, FeedbackLog(client), record, consumed, config.keep_rounds)
+        return record
 
 
 def _round(
-    round_id: str, config: LoopConfig, settings: Settings, client: redis.Redis, lock: RoundLock
-) -> dict[str, Any]:
-    started = time.time()
+    round_id: str,
+    started: float,
+    config: LoopConfig,
+    settings: Settings,
+    client: redis.Redis,
+    lock: RoundLock,
+) -> tuple[dict[str, Any], list[str]]:
+    """Everything but the commit: the record, and the stream ids to commit (none if skipped)."""
     timings: dict[str, float] = {}
 
     # 0. The rankings this round consumes: what dead rounds left pending, then new ones.
@@ -330,14 +338,14 @@ def _round(
     else:
         new = []
     if len(new) < config.min_new_rankings:
-        return {"round": round_id, "skipped": f"{len(new)} new rankings, fewer than "
-                f"min_new_rankings={config.min_new_rankings}"}
+        skipped = f"{len(new)} new rankings, fewer than min_new_rankings={config.min_new_rankings}"
+        return {"round": round_id, "skipped": skipped}, []
 
     everything = list(feedback.iter_events())
     window = everything[-config.rm_window:] if config.rm_window else everything
     ranked = [(entry_id, ev) for entry_id, ev in window if has_preference(ev)]
     if not ranked:  # e.g. only all-bad rankings so far; they wait for the next round
-        return {"round": round_id, "skipped": "no ranking orders two answers yet"}
+        return {"round": round_id, "skipped": "no ranking orders two answers yet"}, []
     train, heldout = split_recent(ranked, config.heldout_fraction, config.max_heldout)
     data_window = {"first": ranked[0][0], "last": ranked[-1][0], "train": len(train),
                    "heldout": len(heldout)}
@@ -414,8 +422,7 @@ def _round(
         "rm": {"version": rm, **rm_metrics}, "ppo": ppo_metrics, "gate": gate,
         "candidate": candidate, "promoted": promoted, "timings": timings,
     }
-    _commit(client, feedback, record, new_ids, config.keep_rounds)
-    return record
+    return record, new_ids
 
 
 def _commit(

@@ -21,6 +21,8 @@ there). Right padding keeps position ids plain and never leaves a query row full
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import random
@@ -28,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +38,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
 from learn.presets import save_model
-from learn.reward import last_token_rewards, load_reward_model, normalize_rewards
+from learn.reward import (
+    check_model_dir,
+    last_token_rewards,
+    load_reward_model,
+    normalize_rewards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class PPOConfig:
     kl_coef: float = field(
         default=0.05, metadata={"help": "β of the per-token KL penalty (initial β if adaptive)."}
     )
-    kl_estimator: rlhf.KLEstimator = field(
+    kl_estimator: str = field(
         default="k1",
         metadata={"help": "Per-token KL estimator: k1 = log π − log π_SFT, k3 = (ρ−1) − log ρ."},
     )
@@ -103,9 +110,9 @@ class PPOConfig:
         default=4, metadata={"help": "Pre-training blocks per gradient step (PPO-ptx)."}
     )
     ptx_length: int = field(default=128, metadata={"help": "Tokens per pre-training block."})
-    engine: Literal["vllm", "hf"] = field(
+    engine: str = field(
         default="vllm",
-        metadata={"help": "Rollout sampler: in-process vLLM (weights synced in memory) or HF."},
+        metadata={"help": "Rollout sampler: vllm (in-process, weights synced in memory) or hf."},
     )
     vllm_kv_cache_bytes: int = field(
         default=64 << 20, metadata={"help": "KV cache of the vLLM sampler, bytes (CPU)."}
@@ -114,6 +121,20 @@ class PPOConfig:
         default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order, ptx."})
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
+        if self.engine not in ("vllm", "hf"):
+            raise ValueError(f"engine must be vllm or hf, not {self.engine!r}")
+        if min(self.steps, self.batch_size, self.mini_batch_size, self.ppo_epochs) < 1:
+            raise ValueError("steps, batch_size, mini_batch_size and ppo_epochs must be >= 1")
+        if self.response_length < 1 or self.max_prompt_length < 1:
+            raise ValueError("response_length and max_prompt_length must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (PPO needs a sampling policy)")
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
+            raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
 
 
 # --- batches of prompt + answer ------------------------------------------------------------------
@@ -483,6 +504,8 @@ def train_ppo(
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
+    for model_dir in (policy_dir, ref_dir, reward_dir):
+        check_model_dir(model_dir)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
@@ -622,3 +645,70 @@ def summarize(
 
 def _format(stats: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in stats.items())
+
+
+# --- `loopchat train ppo` ------------------------------------------------------------------------
+
+
+def read_prompts(path: str) -> list[Messages]:
+    """Distinct prompts from JSONL rows with ``messages`` (rankings exports, chat logs, SFT
+    conversations); a conversation that ends with answers is cut back to its last user turn."""
+    from learn.reward import read_jsonl
+    from serve.cli import CLIError
+
+    prompts, seen = [], set()
+    for number, row in enumerate(read_jsonl(path, "--prompts"), 1):
+        messages = row.get("messages")
+        ok = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        )
+        while ok and messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not ok or not messages:
+            raise CLIError(f"--prompts {path}: row {number} has no 'messages' conversation")
+        fingerprint = json.dumps(messages, sort_keys=True)
+        if fingerprint not in seen:
+            seen.add(fingerprint)
+            prompts.append(messages)
+    if not prompts:
+        raise CLIError(f"--prompts {path}: no prompts")
+    return prompts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from learn.cli_train import add_config_arguments
+
+    parser.add_argument("--policy", required=True, metavar="DIR", help="Policy to improve.")
+    parser.add_argument(
+        "--ref", metavar="DIR", help="Frozen SFT reference of the KL penalty (default: --policy)."
+    )
+    parser.add_argument("--reward", required=True, metavar="DIR", help="Reward model directory.")
+    parser.add_argument(
+        "--prompts", required=True, metavar="FILE",
+        help="JSONL rows with 'messages' (e.g. a rankings export): the prompts to answer.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ptx", nargs="+", metavar="FILE",
+        help="Pre-training text for PPO-ptx (.txt or JSONL 'text'); default: no ptx term.",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR", help="Policy written here.")
+    add_config_arguments(parser, PPOConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from learn.cli_train import config_from_args
+    from learn.pretrain import read_texts
+    from serve.cli import CLIError
+
+    config = config_from_args(args, PPOConfig)
+    prompts = read_prompts(args.prompts)
+    try:
+        ptx_texts = read_texts(args.ptx) if args.ptx else None
+        metrics = train_ppo(
+            args.policy, args.ref or args.policy, args.reward, prompts, ptx_texts, args.out, config
+        )
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(metrics))
+    print(f"policy written to {args.out}")
+    return 0

@@ -17,6 +17,8 @@ model, plus the tokenizer) that ``load_reward_model`` reads back.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import random
 import time
@@ -78,6 +80,14 @@ class RewardConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for the head's init and data order."})
 
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+        if min(self.epochs, self.rankings_per_batch, self.max_length) < 1:
+            raise ValueError("epochs, rankings_per_batch and max_length must be >= 1")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError("heldout_fraction must be in [0, 1)")
+
 
 # --- data: feedback events -> token ids and rankings ---------------------------------------------
 
@@ -116,8 +126,10 @@ def encode_events(
         try:
             candidates, messages = event["candidates"], event["messages"]
             groups = normalise_ranking(event["ranking"])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"event {name}: not a feedback event ({exc!r} missing)") from exc
+        except KeyError as exc:
+            raise ValueError(f"event {name}: not a feedback event (no {exc} field)") from None
+        except TypeError:
+            raise ValueError(f"event {name}: not a feedback event") from None
         problem = ranking_problem(groups, len(candidates), bool(event.get("all_bad")))
         if problem:
             raise ValueError(f"event {name}: {problem}")
@@ -157,8 +169,15 @@ def init_reward_model(init_dir: str | Path, seed: int) -> tuple[PreTrainedModel,
     return model, warm
 
 
+def check_model_dir(model_dir: str | Path) -> None:
+    """A clear error for a path that is not a Hugging Face model directory."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+
+
 def is_reward_model(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` holds a reward model written by ``train_reward_model``."""
+    check_model_dir(model_dir)
     return hasattr(AutoConfig.from_pretrained(str(model_dir)), "reward_mean")
 
 
@@ -243,6 +262,7 @@ def train_reward_model(
     ``reward_mean``, ``reward_std``, train loss/accuracy, counts and time.
     """
     started = time.perf_counter()
+    check_model_dir(init_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(init_dir))
     pad_id = tokenizer.pad_token_id
     train = encode_events(events, tokenizer, config.max_length)
@@ -335,3 +355,63 @@ def score(
         rewards.append(last_token_rewards(rm, ids, mask))
     raw = torch.cat(rewards) if rewards else torch.zeros(0)
     return normalize_rewards(rm, raw) if normalize else raw
+
+
+# --- `loopchat train reward` ---------------------------------------------------------------------
+
+
+def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a missing file or a bad line is a CLI error naming it."""
+    from serve.cli import CLIError
+
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: {exc.strerror or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{flag} {path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise CLIError(f"{flag} {path}:{number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from learn.cli_train import add_config_arguments
+
+    parser.add_argument(
+        "--data", required=True, metavar="FILE",
+        help="Rankings JSONL: feedback events (`loopchat feedback export --format rankings`).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", required=True, metavar="DIR",
+        help="SFT policy to start from, or a previous reward model to refresh (warm start).",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR", help="Reward model written here.")
+    parser.add_argument(
+        "--heldout", metavar="FILE",
+        help="Held-out rankings JSONL (default: the most recent --heldout-fraction of --data).",
+    )  # fmt: skip
+    add_config_arguments(parser, RewardConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from learn.cli_train import config_from_args
+    from serve.cli import CLIError
+
+    config = config_from_args(args, RewardConfig)
+    events = read_jsonl(args.data, "--data")
+    heldout = read_jsonl(args.heldout, "--heldout") if args.heldout else None
+    try:
+        metrics = train_reward_model(events, args.init, args.out, config, heldout)
+    except (ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(metrics))
+    print(f"reward model written to {args.out}")
+    return 0

@@ -236,7 +236,11 @@ class FeedbackLog:
         reply = self._in_group(
             partial(
                 self.client.xreadgroup,
-                self.group, consumer, {self.stream: ">"}, count=count, block=block_ms,
+                self.group,
+                consumer,
+                {self.stream: ">"},
+                count=count,
+                block=block_ms,
             )
         )
         return self._decode(reply[0][1]) if reply else []
@@ -249,7 +253,12 @@ class FeedbackLog:
             reply = self._in_group(
                 partial(
                     self.client.xautoclaim,
-                    self.stream, self.group, consumer, min_idle_ms, start_id=cursor, count=100,
+                    self.stream,
+                    self.group,
+                    consumer,
+                    min_idle_ms,
+                    start_id=cursor,
+                    count=100,
                 )
             )
             cursor, entries = reply[0], reply[1]

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="Hugging Face model directory to serve when the registry has no live "
         "version yet. Unset: the built-in model (trained once, then cached).",
     )
+    builtin_recipe: Literal["small", "test"] = Field(
+        default="small",
+        description="How the built-in model is trained: `small` (the real one, minutes) or "
+        "`test` (a nano model in seconds, for tests of the bootstrap path).",
+    )
     model_name: str = Field(default="loopchat", description="Served model name in /v1/models.")
     engine: Literal["vllm", "hf"] = Field(default="vllm", description="Inference engine.")
     host: str = Field(default="127.0.0.1", description="Bind address of `loopchat up`.")

@@ -23,8 +23,10 @@ from contextlib import aclosing
 from typing import Any
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
+from serve.errors import error_json
 from serve.feedback import FeedbackService
 from serve.protocol import ChatCompletionRequest, ErrorResponse, FeedbackRequest
 from serve.serving import ChatService
@@ -338,8 +340,25 @@ def build_chat_page(
     return page.queue(default_concurrency_limit=None)
 
 
+async def _unknown_api_route(request: Request) -> JSONResponse:
+    message = f"Unknown route: {request.method} {request.url.path}"
+    return error_json(ErrorResponse.make(404, message, type="not_found_error"))
+
+
 def mount_chat(app: FastAPI) -> FastAPI:
     """Mount the page at ``/`` on ``app``, after every other route and mount (it would shadow
-    them otherwise)."""
+    them otherwise).
+
+    A mount at ``/`` receives every path nothing else matched; unknown ``/v1/*`` and
+    ``/admin/*`` paths are answered here first, so API clients keep getting OpenAI's error
+    shape rather than the page's 404.
+    """
+    for prefix in ("/v1", "/admin"):
+        app.add_route(
+            f"{prefix}/{{rest:path}}",
+            _unknown_api_route,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            include_in_schema=False,
+        )
     page = build_chat_page(lambda: app.state.chat, lambda: app.state.feedback, app.state.settings)
     return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, css=CSS)

@@ -105,14 +105,6 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     """The page; ``get_admin`` returns the service of the running app (resolved per call, so
     the page can be built before the app's lifespan has created the registry)."""
 
-    def authorised(token: str | None) -> AdminService:
-        admin = get_admin()
-        try:
-            check_admin_token(admin.settings.admin_token, token)
-        except AdminAuthError as exc:
-            raise gr.Error(str(exc)) from None
-        return admin
-
     def snapshot(admin: AdminService) -> tuple:
         state = admin.checkpoints()
         loop = admin.loop_status()
@@ -129,30 +121,51 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             history_rows(admin.history()),
         )
 
+    def unchanged() -> tuple:
+        return (gr.update(),) * len(shown)  # `shown` is defined with the components below
+
     def login(token: str) -> tuple:
-        admin = authorised(token)
+        admin = get_admin()
+        try:
+            check_admin_token(admin.settings.admin_token, token)
+        except AdminAuthError as exc:
+            return ("", gr.update(), gr.update(), f"**{exc}**", *unchanged())
         return (token, gr.update(visible=False), gr.update(visible=True), "", *snapshot(admin))
 
+    def act(token: str, action: Callable[[AdminService], str]) -> tuple:
+        """Run ``action`` as the operator; its outcome (or why it was refused) is the message.
+
+        Errors are shown as the message rather than raised, so the page stays usable.
+        """
+        admin = get_admin()
+        try:
+            check_admin_token(admin.settings.admin_token, token)
+        except AdminAuthError as exc:
+            return (f"**{exc}**", *unchanged())
+        try:
+            outcome = action(admin)
+        except RegistryError as exc:
+            outcome = f"**Refused:** {exc}"
+        return (outcome, *snapshot(admin))
+
     def refresh(token: str) -> tuple:
-        return ("", *snapshot(authorised(token)))
+        return act(token, lambda admin: "")
 
     def promote(token: str, version: str | None, reason: str, force: bool) -> tuple:
-        admin = authorised(token)
-        if not version:
-            raise gr.Error("choose a version to promote")
-        try:
+        def run(admin: AdminService) -> str:
+            if not version:
+                return "**Choose a version to promote.**"
             state = admin.promote(version, by="ops-page", reason=reason, force=force)
-        except RegistryError as exc:
-            raise gr.Error(str(exc)) from None
-        return (f"Promoted {version}: live is now {state['live']}.", *snapshot(admin))
+            return f"Promoted {version}: live is now {state['live']}."
+
+        return act(token, run)
 
     def rollback(token: str, reason: str) -> tuple:
-        admin = authorised(token)
-        try:
+        def run(admin: AdminService) -> str:
             state = admin.rollback(by="ops-page", reason=reason)
-        except RegistryError as exc:
-            raise gr.Error(str(exc)) from None
-        return (f"Rolled back: live is now {state['live']}.", *snapshot(admin))
+            return f"Rolled back: live is now {state['live']}."
+
+        return act(token, run)
 
     with gr.Blocks(title="loopchat · operator") as page:
         token_state = gr.State("")
@@ -160,6 +173,7 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         with gr.Column(visible=True) as login_box:
             token_box = gr.Textbox(label="Admin token", type="password", elem_id="admin-token")
             login_button = gr.Button("Log in", variant="primary", elem_id="login")
+            login_message = gr.Markdown(elem_id="login-message")
         with gr.Column(visible=False) as panel:
             aliases = gr.Markdown(elem_id="aliases")
             message = gr.Markdown(elem_id="message")
@@ -183,8 +197,9 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
                 elem_id="history",
             )
         shown = [aliases, table, version, loop_text, plot, history]
-        login_button.click(login, [token_box], [token_state, login_box, panel, message, *shown])
-        token_box.submit(login, [token_box], [token_state, login_box, panel, message, *shown])
+        entered = [token_state, login_box, panel, login_message, *shown]
+        login_button.click(login, [token_box], entered)
+        token_box.submit(login, [token_box], entered)
         refresh_button.click(refresh, [token_state], [message, *shown])
         promote_button.click(promote, [token_state, version, reason, force], [message, *shown])
         rollback_button.click(rollback, [token_state, reason], [message, *shown])

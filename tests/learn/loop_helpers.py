@@ -16,6 +16,16 @@ from serve.protocol import FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
 from serve.store import Completion, CompletionStore, async_client
 
+# A round in seconds on the nano model: few prompts, two short PPO steps, a small gate.
+TINY = {
+    "max_prompts": 4,
+    "ptx_texts": 8,
+    "reward": {"rankings_per_batch": 4, "warmup_steps": 1},
+    "ppo": {"engine": "hf", "steps": 2, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
+            "response_length": 8, "ptx_batch_size": 2, "ptx_length": 32},
+    "gate": {"prompts": 2, "max_new_tokens": 8},
+}
+
 
 def arithmetic_prompts(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
     rng = random.Random(seed)

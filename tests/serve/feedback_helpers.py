@@ -42,9 +42,7 @@ def save_completions(redis_url: str, *completions: Completion, ttl: int = 3600) 
     asyncio.run(run())
 
 
-def store_rankings(
-    redis_url: str, items: list[tuple[Completion, dict]]
-) -> list[FeedbackResponse]:
+def store_rankings(redis_url: str, items: list[tuple[Completion, dict]]) -> list[FeedbackResponse]:
     """Save each completion, then submit its ranking through the real ``FeedbackService``.
 
     ``items`` pairs a completion with the JSON body fields of its ranking (minus the id).

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -138,3 +139,11 @@ def test_answers_stack_on_a_narrow_screen(page: Page) -> None:
     assert first and second
     assert second["y"] >= first["y"] + first["height"]  # one below the other
     assert first["width"] > 300  # the full width of the phone
+
+
+def test_page_at_root_leaves_unknown_api_paths_in_openai_error_shape(server: Server) -> None:
+    for method, path in [("GET", "/v1/nothing"), ("POST", "/v1/chat/nothing"), ("GET", "/admin/x")]:
+        response = httpx.request(method, f"{server.url}{path}")
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"

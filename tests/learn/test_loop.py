@@ -1,0 +1,177 @@
+"""Learning rounds on real Redis and a real registry: each ranking counted once, one round at a
+time, and what a dead worker left behind picked up by the next round."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from learn.loop import COUNTED, LAST_ID, LOCK, ROUNDS, LoopConfig, run_round
+from serve.feedback import GROUP, STREAM, FeedbackLog
+from serve.registry import Registry
+from serve.settings import Settings
+from serve.store import Completion, sync_client
+from tests.learn.loop_helpers import (
+    TINY,
+    arithmetic_prompts,
+    sample_completions,
+    submit_rankings,
+)
+
+
+@pytest.fixture(scope="module")
+def completions(tiny_model: Path) -> list[Completion]:
+    """What the tiny model answered to 16 prompts, 3 candidates each."""
+    return sample_completions(tiny_model, arithmetic_prompts(16), n=3, max_new_tokens=8)
+
+
+@pytest.fixture
+def loop(redis_url: str, tmp_path: Path, tiny_model: Path):
+    """Settings, a Redis client and a registry whose live policy is the tiny model."""
+    settings = Settings(redis_url=redis_url, data_dir=tmp_path, model=str(tiny_model))
+    client = sync_client(redis_url)
+    registry = Registry.from_settings(settings, client)
+    registry.ensure_live(tiny_model)
+    yield settings, client, registry
+    client.close()
+
+
+def fresh(completions: list[Completion]) -> list[Completion]:
+    """The same answers as new completions (a completion can be ranked once per user)."""
+    return [Completion(id=f"{c.id}-{time.monotonic_ns()}", messages=c.messages,
+                       candidates=c.candidates, version=c.version, user=c.user)
+            for c in completions]
+
+
+def stream_ids(client: redis.Redis) -> list[str]:
+    return [entry_id for entry_id, _ in client.xrange(STREAM)]
+
+
+def pending(client: redis.Redis) -> int:
+    return client.xpending(STREAM, GROUP)["pending"]
+
+
+def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:12]))
+    ids = stream_ids(client)
+
+    first = run_round("round-1", config, settings)
+    assert first["status"] == "done"
+    assert first["rankings_new"] == 12
+    assert first["stream"] == {"first": ids[0], "last": ids[-1], "count": 12}
+    assert client.get(LAST_ID) == ids[-1]
+    assert pending(client) == 0
+    candidate = registry.get(first["candidate"])
+    assert candidate["kind"] == "ppo" and candidate["parent"] == "v1"
+    assert candidate["info"]["reward_model"] == first["rm"]["version"] == "rm-1"
+    assert registry.alias("candidate") == first["candidate"]
+    assert candidate["gate"]["passed"] == first["gate"]["passed"]
+    assert registry.alias("live") == "v1"  # auto_promote is off: the candidate waits
+
+    assert run_round("round-2", config, settings)["skipped"].startswith("0 new rankings")
+
+    submit_rankings(redis_url, fresh(completions[12:15]))
+    third = run_round("round-3", config, settings)
+    assert third["rankings_new"] == 3 and third["rankings_total"] == 15
+    assert third["rm"]["version"] == "rm-2" and third["rm"]["warm_start"] is True
+    rounds = [json.loads(r)["round"] for r in client.lrange(ROUNDS, 0, -1)]
+    assert rounds == ["round-1", "round-3"]
+
+
+def test_a_redelivered_round_returns_its_record_without_training_again(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:6]))
+    first = run_round("task-42", config, settings)
+    versions = [v["version"] for v in registry.versions()]
+
+    again = run_round("task-42", config, settings)
+    assert again["replayed"] is True
+    assert again["candidate"] == first["candidate"]
+    assert [v["version"] for v in registry.versions()] == versions
+    assert client.llen(ROUNDS) == 1
+
+
+def test_rankings_committed_just_before_a_crash_are_not_counted_again(
+    loop, completions, redis_url, monkeypatch
+) -> None:
+    settings, client, _ = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:8]))
+
+    def crash(self, ids):  # the worker dies after the commit, before acking
+        raise ConnectionError("worker lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FeedbackLog, "ack", crash)
+        with pytest.raises(ConnectionError):
+            run_round("crashing", config, settings)
+    assert pending(client) == 8 and client.scard(COUNTED) == 8
+
+    submit_rankings(redis_url, fresh(completions[8:10]))
+    after = run_round("next", config, settings)
+    assert after["rankings_new"] == 2  # the 8 redelivered ones were already counted
+    assert pending(client) == 0 and client.scard(COUNTED) == 0
+
+
+def test_a_dead_consumers_pending_rankings_are_reclaimed(loop, completions, redis_url) -> None:
+    settings, client, _ = loop
+    submit_rankings(redis_url, fresh(completions[:10]))
+    dead = FeedbackLog(client)
+    assert len(dead.read_new("dead-worker", count=4)) == 4  # read, never acked: it died
+
+    record = run_round("after-death", LoopConfig.from_settings(settings, TINY), settings)
+    assert record["rankings_new"] == 10
+    assert pending(client) == 0
+    consumers = {c["name"]: c["pending"] for c in client.xinfo_consumers(STREAM, GROUP)}
+    assert consumers["dead-worker"] == 0
+
+
+def test_only_one_round_runs_at_a_time_and_its_lock_is_renewed(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    # A lock that expires in 0.6 s: the round outlives it many times over, so it must renew it.
+    config = LoopConfig.from_settings(settings, {**TINY, "lock_ttl_s": 0.6})
+    submit_rankings(redis_url, fresh(completions[:8]))
+    start = threading.Barrier(2)
+    results: list[dict] = []
+
+    def worker(name: str) -> None:
+        start.wait()
+        results.append(run_round(name, config, settings))
+
+    threads = [threading.Thread(target=worker, args=(f"r{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = [r for r in results if r.get("status") == "done"]
+    skipped = [r for r in results if "skipped" in r]
+    assert len(done) == 1 and len(skipped) == 1
+    assert skipped[0]["skipped"] == "another round is running"
+    assert done[0]["rankings_new"] == 8
+    assert len(registry.versions("ppo")) == 1
+    assert client.exists(LOCK) == 0
+
+
+def test_a_lock_left_by_a_dead_round_lapses(loop, completions, redis_url) -> None:
+    settings, client, _ = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:6]))
+    client.set(LOCK, "token-of-a-dead-worker", px=500)
+
+    assert run_round("blocked", config, settings)["skipped"] == "another round is running"
+    time.sleep(0.6)
+    assert run_round("unblocked", config, settings)["status"] == "done"

@@ -1,0 +1,185 @@
+"""PPO moves the policy toward what the reward model prefers while the KL penalty holds it near
+the SFT reference; the vLLM sampler's weights follow every update in memory."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learn.ppo import PPOConfig, sequence_logprobs, train_ppo
+from learn.reward import load_reward_model, score
+from tests.learn.rlhf_helpers import (
+    PROMPTS,
+    prompt_messages,
+    random_answer,
+    sample_answers,
+    shared_reward_model,
+    shared_sft_policy,
+    yes_count,
+)
+
+KL_TARGET = 3.0
+CONFIG = PPOConfig(
+    steps=20, batch_size=16, mini_batch_size=8, ppo_epochs=2, response_length=12,
+    learning_rate=3e-4, kl_coef=0.05, adaptive_kl=True, kl_target=KL_TARGET,
+    ptx_coef=0.1, ptx_length=32, engine="vllm",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Nano models train faster on one thread than on two cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.getbasetemp()
+    return shared_sft_policy(base), shared_reward_model(base)
+
+
+def prompts() -> list[list[dict[str, str]]]:
+    return [prompt_messages(i) for i in range(len(PROMPTS))]
+
+
+def ptx_texts() -> list[str]:
+    rng = random.Random(0)
+    return [random_answer(rng) for _ in range(50)]
+
+
+def mean_score(rm_dir: Path, answers: list[str]) -> float:
+    rm, tokenizer = load_reward_model(rm_dir), AutoTokenizer.from_pretrained(rm_dir)
+    per_prompt = len(answers) // len(PROMPTS)
+    messages = [prompt_messages(i // per_prompt) for i in range(len(answers))]
+    return score(rm, tokenizer, messages, answers).mean().item()
+
+
+@torch.no_grad()
+def sequence_kl(policy_dir: Path, ref_dir: Path, answers: list[str]) -> float:
+    """Monte-Carlo KL(π‖π_ref) per answer, nats: mean over π's samples of Σ log π − log π_ref."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    per_prompt = len(answers) // len(PROMPTS)
+    total = 0.0
+    for i, answer in enumerate(answers):
+        conversation = [*prompt_messages(i // per_prompt), {"role": "assistant", "content": answer}]
+        ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
+        start = len(
+            tokenizer.apply_chat_template(
+                prompt_messages(i // per_prompt), add_generation_prompt=True, return_dict=False
+            )
+        )
+        args = (ids["input_ids"], ids["attention_mask"])
+        diff = sequence_logprobs(policy, *args) - sequence_logprobs(ref, *args)
+        total += diff[0, start - 1 :].sum().item()
+    return total / len(answers)
+
+
+@pytest.fixture(scope="module")
+def trained(models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    sft, rm = models
+    out = tmp_path_factory.mktemp("ppo")
+    metrics = train_ppo(sft, sft, rm, prompts(), ptx_texts(), out, CONFIG)
+    return out, metrics
+
+
+def test_ppo_raises_the_reward_of_fresh_samples_with_kl_within_target(
+    models: tuple[Path, Path], trained: tuple[Path, dict]
+) -> None:
+    sft, rm = models
+    out, metrics = trained
+    before, after = sample_answers(sft, 64), sample_answers(out, 64)
+    assert mean_score(rm, after) > mean_score(rm, before) + 0.3
+    assert sum(map(yes_count, after)) > sum(map(yes_count, before))  # the preference itself
+    assert 0.0 <= sequence_kl(out, sft, after) <= KL_TARGET
+    assert metrics["reward_mean"] > metrics["reward_start"]
+
+
+def test_vllm_sampler_weights_follow_every_update(trained: tuple[Path, dict]) -> None:
+    _, metrics = trained
+    history = metrics["history"]
+    assert len(history) == CONFIG.steps
+    assert sum(step["approx_kl"] for step in history) > 0  # the policy did move
+    # the engine's log-probs of its own samples match the trainer's after every update
+    assert max(step["sampler_logprob_gap"] for step in history) < 1e-3
+
+
+def test_every_step_logs_reward_kl_entropy_clipping_losses_and_phase_times(
+    trained: tuple[Path, dict],
+) -> None:
+    _, metrics = trained
+    for step in metrics["history"]:
+        for name in (
+            "reward", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "approx_kl",
+            "policy_loss", "ptx_loss", "time_generation", "time_forwards", "time_backward",
+            "time_sync",
+        ):  # fmt: skip
+            assert isinstance(step[name], float), name
+    assert set(metrics["time"]) >= {"generation", "forwards", "backward", "sync"}
+    assert metrics["episodes"] == CONFIG.steps * CONFIG.batch_size
+    json.dumps(metrics)  # registered as checkpoint metrics as it is
+
+
+def test_output_is_a_policy_dir_in_the_input_format(
+    models: tuple[Path, Path], trained: tuple[Path, dict]
+) -> None:
+    sft, _ = models
+    out, _ = trained
+    assert (out / "model.safetensors").exists()
+    assert not list(out.glob("*value*"))  # the value head is not part of the policy
+    assert (
+        AutoTokenizer.from_pretrained(out).chat_template
+        == AutoTokenizer.from_pretrained(sft).chat_template
+    )
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(sft)
+    assert type(policy) is type(original)
+    config, original_config = policy.config.to_dict(), original.config.to_dict()
+    config.pop("_name_or_path"), original_config.pop("_name_or_path")
+    assert config == original_config
+
+
+def test_hf_generate_fallback_runs_the_same_step(models: tuple[Path, Path], tmp_path: Path) -> None:
+    sft, rm = models
+    config = PPOConfig(
+        steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=1, response_length=8,
+        learning_rate=1e-4, adaptive_kl=False, engine="hf",
+    )  # fmt: skip
+    metrics = train_ppo(sft, sft, rm, prompts(), None, tmp_path, config)
+    assert metrics["steps"] == 2
+    assert metrics["kl_coef"] == config.kl_coef  # fixed β
+    assert "sampler_logprob_gap" not in metrics["history"][0]
+    assert "ptx_loss" not in metrics["history"][0]  # no pre-training text: no ptx term
+    assert AutoModelForCausalLM.from_pretrained(tmp_path) is not None
+
+
+def test_sequence_logprobs_are_the_same_with_left_or_right_padding(
+    models: tuple[Path, Path],
+) -> None:
+    sft, _ = models
+    model = AutoModelForCausalLM.from_pretrained(sft).eval()
+    ids = [5, 9, 12, 7, 3]
+    with torch.no_grad():
+        alone = sequence_logprobs(model, torch.tensor([ids]), torch.ones(1, 5, dtype=torch.long))
+        manual = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        expected = manual[torch.arange(4), torch.tensor(ids[1:])]
+        assert torch.allclose(alone[0], expected, atol=1e-5)
+        right = sequence_logprobs(
+            model, torch.tensor([ids + [0, 0]]), torch.tensor([[1] * 5 + [0, 0]])
+        )
+        left = sequence_logprobs(
+            model, torch.tensor([[0, 0] + ids]), torch.tensor([[0, 0] + [1] * 5])
+        )
+    assert torch.allclose(right[0, :4], expected, atol=1e-5)
+    assert right[0, 4:].abs().sum() == 0  # targets that are padding give 0
+    assert torch.allclose(left[0, 2:], expected, atol=1e-5)

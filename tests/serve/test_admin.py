@@ -1,0 +1,218 @@
+"""``/admin/*`` and ``loopchat checkpoints | promote | rollback`` on a real Redis and registry.
+
+The routes are exercised on the real app (its lifespan starts the HF engine on the tiny model)
+through FastAPI's in-process client, which is far cheaper than a server process per test; the
+CLI runs its real entry point with settings from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.app import create_app
+from serve.cli import main as loopchat
+from serve.feedback import STREAM
+from serve.registry import Registry
+from serve.settings import Settings
+from serve.store import key, sync_client
+
+TOKEN = "admin-test-token"
+ROUTES = [
+    ("GET", "/admin/checkpoints"),
+    ("POST", "/admin/checkpoints/v1/promote"),
+    ("POST", "/admin/rollback"),
+    ("GET", "/admin/loop"),
+    ("GET", "/admin/history"),
+]
+
+
+def settings_for(tmp_path: Path, redis_url: str, model: Path, token: str | None) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        redis_url=redis_url,
+        model=str(model),
+        engine="hf",
+        admin_token=token,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, tiny_model: Path) -> Settings:
+    return settings_for(tmp_path, redis_url, tiny_model, TOKEN)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def registry(settings: Settings, redis_url: str) -> Registry:
+    return Registry.from_settings(settings, sync_client(redis_url))
+
+
+def test_admin_routes_answer_401_without_and_403_with_a_wrong_token(api: TestClient) -> None:
+    for method, path in ROUTES:
+        missing = api.request(method, path, headers={"Authorization": ""})
+        assert missing.status_code == 401, path
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert missing.json()["error"]["code"] == "invalid_admin_token"
+        assert api.request(method, path, headers={"Authorization": "Basic x"}).status_code == 401
+        wrong = api.request(method, path, headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 403, path
+        assert wrong.json()["error"]["type"] == "permission_error"
+    assert api.get("/admin/checkpoints").status_code == 200
+
+
+def test_admin_routes_are_closed_until_a_token_is_configured(
+    tmp_path: Path, redis_url: str, tiny_model: Path
+) -> None:
+    app = create_app(settings_for(tmp_path, redis_url, tiny_model, None))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        for method, path in ROUTES:
+            reply = client.request(method, path)
+            assert reply.status_code == 403, path
+            assert "LOOPCHAT_ADMIN_TOKEN" in reply.json()["error"]["message"]
+
+
+def test_checkpoints_lists_the_aliases_and_every_version(
+    api: TestClient, registry: Registry, tiny_model: Path
+) -> None:
+    rm = registry.register(tiny_model, "reward", "v1", {"heldout_accuracy": 0.75})
+    v2 = registry.register(tiny_model, "ppo", "v1", {"kl": 0.02}, {"reward_model": rm})
+    registry.set_candidate(v2)
+    registry.record_gate(v2, {"passed": True, "reasons": []})
+    body = api.get("/admin/checkpoints").json()
+    assert {k: body[k] for k in ("live", "candidate", "previous")} == {
+        "live": "v1",
+        "candidate": "v2",
+        "previous": None,
+    }
+    assert [v["version"] for v in body["versions"]] == ["v1", "rm-1", "v2"]
+    assert all(
+        set(v) == {"version", "kind", "parent", "created_at", "metrics", "gate"}
+        for v in body["versions"]
+    )
+    assert body["versions"][2] | {"created_at": 0} == {
+        "version": "v2",
+        "kind": "ppo",
+        "parent": "v1",
+        "created_at": 0,
+        "metrics": {"kl": 0.02},
+        "gate": {"passed": True, "reasons": []},
+    }
+
+
+def test_promote_refuses_unknown_versions_reward_models_and_failed_gates(
+    api: TestClient, registry: Registry, tiny_model: Path
+) -> None:
+    unknown = api.post("/admin/checkpoints/v42/promote")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_version"
+    rm = registry.register(tiny_model, "reward", "v1", {})
+    not_policy = api.post(f"/admin/checkpoints/{rm}/promote")
+    assert not_policy.status_code == 409 and not_policy.json()["error"]["code"] == "not_a_policy"
+    v2 = registry.register(tiny_model, "ppo", "v1", {})
+    registry.record_gate(v2, {"passed": False, "reasons": ["agrees with users less than v1"]})
+    failed = api.post(f"/admin/checkpoints/{v2}/promote")
+    assert failed.status_code == 409 and failed.json()["error"]["code"] == "gate_failed"
+    assert "agrees with users less than v1" in failed.json()["error"]["message"]
+    assert registry.alias("live") == "v1"
+    forced = api.post(f"/admin/checkpoints/{v2}/promote?force=true", json={"reason": "trust me"})
+    assert forced.status_code == 200
+    assert forced.json() == {"live": "v2", "candidate": None, "previous": "v1"}
+    assert registry.history()[-1]["reason"] == "trust me"
+    assert api.post(f"/admin/checkpoints/{v2}/promote", json={"by": ""}).status_code == 422
+
+
+def test_rollback_is_409_without_a_previous_version(api: TestClient, registry: Registry) -> None:
+    reply = api.post("/admin/rollback")
+    assert reply.status_code == 409
+    assert reply.json()["error"]["code"] == "no_previous_version"
+    assert registry.alias("live") == "v1" and len(registry.history()) == 1
+
+
+def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
+    api: TestClient, settings: Settings, redis_url: str
+) -> None:
+    client = sync_client(redis_url)
+    for i in range(5):
+        event = {
+            "id": f"f{i}",
+            "completion_id": f"c{i}",
+            "messages": [],
+            "candidates": ["a", "b"],
+            "ranking": [[0], [1]],
+            "all_bad": False,
+            "user": None,
+            "comment": None,
+            "version": "v1",
+            "time": time.time(),
+        }
+        client.xadd(STREAM, {"event": json.dumps(event)})
+    rounds = [
+        {
+            "round": "r1",
+            "status": "done",
+            "rankings_new": 3,
+            "rankings_total": 3,
+            "rm": {"version": "rm-1", "heldout_accuracy": 0.5},
+            "ppo": {"reward_mean": 0.1, "kl": 0.01},
+            "gate": {"passed": True, "reasons": []},
+            "candidate": "v2",
+            "promoted": False,
+        },
+        {"round": "r2", "status": "failed", "error": "RuntimeError: out of memory"},
+    ]
+    for record in rounds:
+        client.rpush(key("loop", "rounds"), json.dumps(record))
+    client.set(key("loop", "since_round"), 2)
+    body = api.get("/admin/loop").json()
+    assert body == {
+        "rankings_total": 5,
+        "rankings_since_last_round": 2,
+        "round_every": settings.round_every,
+        "next_round_in": settings.round_every - 2,
+        "round_running": False,
+        "auto_promote": False,
+        "rounds": rounds,
+    }
+    assert api.get("/admin/loop?rounds=1").json()["rounds"] == rounds[1:]
+    assert api.get("/admin/loop?rounds=1").json()["rankings_since_last_round"] == 2
+    assert api.get("/admin/loop?rounds=5000").status_code == 422
+
+
+def test_cli_lists_promotes_and_rolls_back(
+    registry: Registry,
+    settings: Settings,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in {"REDIS_URL": redis_url, "DATA_DIR": str(settings.data_dir)}.items():
+        monkeypatch.setenv(f"LOOPCHAT_{name}", value)
+    registry.ensure_live(tiny_model)
+    registry.register(tiny_model, "ppo", "v1", {"kl": 0.03125})
+    assert loopchat(["checkpoints"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:3] == ["v1", "sft", "-"]
+    assert "live" in table[1] and "kl=0.03125" in table[2]
+    assert loopchat(["promote", "v2", "--reason", "looks better"]) == 0
+    assert "live: v2" in capsys.readouterr().out
+    assert registry.history()[-1]["reason"] == "looks better"
+    assert registry.history()[-1]["by"].startswith("cli")
+    assert loopchat(["promote", "v9"]) == 2
+    assert capsys.readouterr().err.strip() == "loopchat promote: error: unknown version 'v9'"
+    assert loopchat(["rollback", "--reason", "regression"]) == 0
+    assert registry.alias("live") == "v1"
+    assert loopchat(["rollback"]) == 2
+    assert "no previous version" in capsys.readouterr().err
+    assert loopchat(["checkpoints", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["live"] == "v1"
