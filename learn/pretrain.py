@@ -393,9 +393,11 @@ def train_causal_lm(
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{speed:,.0f}")
         if config.save_every and step % config.save_every == 0:
             resume_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = resume_file.with_suffix(".partial")  # a kill mid-write leaves the last one
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step, "elapsed": elapsed, "tokens": tokens,
-                        "history": history}, resume_file)  # fmt: skip
+                        "history": history}, partial)  # fmt: skip
+            partial.replace(resume_file)
     bar.close()
     run_wall = time.monotonic() - run_started
     metrics = {

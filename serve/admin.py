@@ -8,12 +8,12 @@ the registry's store): routes run it in FastAPI's thread pool.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Any
 
 import redis
 
-from serve.feedback import FeedbackLog
 from serve.loop_trigger import COUNTER
 from serve.registry import Registry
 from serve.settings import Settings
@@ -24,6 +24,20 @@ ROUNDS = key("loop", "rounds")
 ROUND_LOCK = key("loop", "lock")
 
 VERSION_FIELDS = ("version", "kind", "parent", "created_at", "metrics", "gate")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (strict JSON has neither).
+
+    A diverged training run reports NaN metrics; they must not make the admin API fail.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class AdminAuthError(Exception):
@@ -64,7 +78,7 @@ class AdminService:
     def checkpoints(self) -> dict[str, Any]:
         """Aliases and every version, oldest first (the ``GET /admin/checkpoints`` body)."""
         versions = [{f: m.get(f) for f in VERSION_FIELDS} for m in self.registry.versions()]
-        return {**self.registry.aliases(), "versions": versions}
+        return json_safe({**self.registry.aliases(), "versions": versions})
 
     def promote(self, version: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
         """Make ``version`` live; returns the aliases after. Registry errors propagate."""
@@ -80,29 +94,37 @@ class AdminService:
         """Every change of the live version, oldest first."""
         return self.registry.history()
 
+    def _last_done_round(self, page: int = 50) -> dict | None:
+        """The newest completed round record, read back from the end a page at a time."""
+        end = -1
+        while batch := self.client.lrange(ROUNDS, end - page + 1, end):
+            for raw in reversed(batch):
+                if (record := json.loads(raw)).get("status") == "done":
+                    return record
+            end -= page
+        return None
+
     def loop_status(self, rounds: int = 20) -> dict[str, Any]:
         """Rankings since the last round and the last ``rounds`` round records, oldest first.
 
         The feedback stream is append-only, so the rankings that arrived after the last
         completed round are the stream's length minus that round's ``rankings_total``.
         """
+        from serve.feedback import FeedbackLog  # not needed by the CLI's commands
+
         total = FeedbackLog(self.client).length()
         records = [json.loads(r) for r in self.client.lrange(ROUNDS, -rounds, -1)] if rounds else []
-        done = [r for r in records if r.get("status") == "done"]
-        if not done and rounds:  # the last completed round may be older than those asked for
-            done = [
-                r
-                for r in map(json.loads, self.client.lrange(ROUNDS, 0, -1))
-                if r.get("status") == "done"
-            ]
-        since = total - done[-1]["rankings_total"] if done else total
+        last_done = self._last_done_round()
+        since = total - last_done["rankings_total"] if last_done else total
         counted = int(self.client.get(COUNTER) or 0)
-        return {
-            "rankings_total": total,
-            "rankings_since_last_round": max(0, since),
-            "round_every": self.settings.round_every,
-            "next_round_in": max(0, self.settings.round_every - counted),
-            "round_running": bool(self.client.exists(ROUND_LOCK)),
-            "auto_promote": self.settings.auto_promote,
-            "rounds": records,
-        }
+        return json_safe(
+            {
+                "rankings_total": total,
+                "rankings_since_last_round": max(0, since),
+                "round_every": self.settings.round_every,
+                "next_round_in": max(0, self.settings.round_every - counted),
+                "round_running": bool(self.client.exists(ROUND_LOCK)),
+                "auto_promote": self.settings.auto_promote,
+                "rounds": records,
+            }
+        )

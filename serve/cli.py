@@ -85,4 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: under `python -m` this file is also `__main__`, and its
+    # CLIError would not be the class command modules raise.
+    from serve.cli import main as _main
+
+    sys.exit(_main())

@@ -61,8 +61,15 @@ def sync_client(url: str) -> redis.Redis:
 
 
 def async_client(url: str) -> aioredis.Redis:
-    """An asyncio client for the API process, so Redis calls never block the event loop."""
-    return aioredis.Redis.from_url(url, decode_responses=True)
+    """An asyncio client for the API process, so Redis calls never block the event loop.
+
+    The pool blocks (up to 30 s) when all connections are busy instead of failing: under a burst
+    of requests a caller waits for a connection rather than getting "Too many connections".
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, max_connections=100, timeout=30
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass

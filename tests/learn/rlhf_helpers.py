@@ -8,7 +8,10 @@ rankings and PPO should move the policy toward "yes" while the KL penalty holds 
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -148,3 +151,14 @@ def shared_reward_model(base: Path) -> Path:
         "yes-no-rm",
         lambda out: train_reward_model(preference_events(160), sft, out, REWARD_CONFIG),
     )
+
+
+def loopchat(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``loopchat`` command, as a user runs it."""
+    command = [str(Path(sys.executable).parent / "loopchat"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

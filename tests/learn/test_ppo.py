@@ -16,11 +16,14 @@ from learn.ppo import PPOConfig, sequence_logprobs, train_ppo
 from learn.reward import load_reward_model, score
 from tests.learn.rlhf_helpers import (
     PROMPTS,
+    loopchat,
+    preference_events,
     prompt_messages,
     random_answer,
     sample_answers,
     shared_reward_model,
     shared_sft_policy,
+    write_jsonl,
     yes_count,
 )
 
@@ -183,3 +186,35 @@ def test_sequence_logprobs_are_the_same_with_left_or_right_padding(
     assert torch.allclose(right[0, :4], expected, atol=1e-5)
     assert right[0, 4:].abs().sum() == 0  # targets that are padding give 0
     assert torch.allclose(left[0, 2:], expected, atol=1e-5)
+
+
+def test_cli_runs_ppo_offline_on_a_rankings_export(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    sft, rm = models
+    prompts_file = write_jsonl(tmp_path / "rankings.jsonl", preference_events(10))
+    ptx_file = tmp_path / "ptx.txt"
+    ptx_file.write_text("\n\n".join(ptx_texts()))
+    result = loopchat(
+        "train", "ppo", "--policy", str(sft), "--reward", str(rm), "--prompts", str(prompts_file),
+        "--ptx", str(ptx_file), "--out", str(tmp_path / "policy"), "--engine", "hf",
+        "--steps", "1", "--batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
+        "--response-length", "8", "--ptx-length", "16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.splitlines()[-2])
+    assert metrics["steps"] == 1 and "ptx_loss" in metrics["history"][0]
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+
+
+def test_cli_refuses_a_missing_reward_model_in_one_line(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    sft, _ = models
+    prompts_file = write_jsonl(tmp_path / "rankings.jsonl", preference_events(2))
+    result = loopchat(
+        "train", "ppo", "--policy", str(sft), "--reward", str(tmp_path / "nope"),
+        "--prompts", str(prompts_file), "--out", str(tmp_path / "policy"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not a Hugging Face model directory" in result.stderr

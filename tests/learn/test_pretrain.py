@@ -72,8 +72,8 @@ def test_packed_documents_attend_only_within_themselves(tiny_model: Path):
 
 
 def _nano_config(out: Path, **overrides) -> PretrainConfig:
-    settings = dict(output_dir=str(out), preset="nano", builtin_docs=600, eval_docs=40,
-                    max_steps=40, batch_size=8, seq_len=128, lr=3e-3, min_lr=3e-4,
+    settings = dict(output_dir=str(out), preset="nano", builtin_docs=400, eval_docs=40,
+                    max_steps=30, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4,
                     warmup_steps=5, save_every=0, progress=False)  # fmt: skip
     return PretrainConfig(**{**settings, **overrides})
 
@@ -82,7 +82,7 @@ def _nano_config(out: Path, **overrides) -> PretrainConfig:
 def test_nano_pretraining_loss_falls_and_the_output_loads(tmp_path: Path):
     metrics = pretrain(_nano_config(tmp_path / "out"))
     history = json.loads((tmp_path / "out" / "training.json").read_text())["history"]
-    assert len(history) == metrics["steps"] == 40
+    assert len(history) == metrics["steps"] == 30
     first = sum(h["loss"] for h in history[:3]) / 3
     last = sum(h["loss"] for h in history[-3:]) / 3
     assert first > math.log(400)  # starts near uniform over the vocabulary
@@ -105,8 +105,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_interrupted_pretraining_resumes_where_it_stopped(tmp_path: Path):
     reference = pretrain(_nano_config(tmp_path / "whole", max_steps=16))
     out = tmp_path / "resumed"
-    flags = ["pretrain", "--output-dir", str(out), "--preset", "nano", "--builtin-docs", "600",
-             "--eval-docs", "40", "--max-steps", "16", "--batch-size", "8", "--seq-len", "128",
+    flags = ["pretrain", "--output-dir", str(out), "--preset", "nano", "--builtin-docs", "400",
+             "--eval-docs", "40", "--max-steps", "16", "--batch-size", "8", "--seq-len", "64",
              "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "5", "--save-every", "4",
              "--no-progress"]  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "serve.cli", "train", *flags],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from transformers import AutoTokenizer
 from learn.reward import RewardConfig, load_reward_model, score, train_reward_model
 from tests.learn.rlhf_helpers import (
     REWARD_CONFIG,
+    loopchat,
     preference_events,
     prompt_messages,
     shared_sft_policy,
+    write_jsonl,
 )
 
 
@@ -113,3 +116,28 @@ def test_malformed_event_is_refused_with_its_id(sft_policy: Path, tmp_path: Path
         train_reward_model(events, sft_policy, tmp_path, RewardConfig())
     with pytest.raises(ValueError, match="no ranking"):
         train_reward_model([], sft_policy, tmp_path, RewardConfig())
+
+
+def test_cli_trains_from_an_exported_rankings_file(sft_policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "rankings.jsonl", preference_events(40))
+    result = loopchat(
+        "train", "reward", "--data", str(data), "--init", str(sft_policy),
+        "--out", str(tmp_path / "rm"), "--epochs", "1", "--learning-rate", "1e-3",
+        "--heldout-fraction", "0.25",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.splitlines()[-2])
+    assert metrics["rankings"] == 30 and metrics["heldout_rankings"] == 10
+    assert load_reward_model(tmp_path / "rm").config.reward_std == metrics["reward_std"]
+
+
+def test_cli_refuses_a_bad_rankings_file_in_one_line(sft_policy: Path, tmp_path: Path) -> None:
+    data = tmp_path / "rankings.jsonl"
+    data.write_text(json.dumps(preference_events(1)[0]) + "\n{not json\n")
+    result = loopchat(
+        "train", "reward", "--data", str(data), "--init", str(sft_policy), "--out", str(tmp_path)
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"{data}:2: not JSON" in result.stderr
+    assert not (tmp_path / "config.json").exists()

@@ -110,6 +110,15 @@ def test_checkpoints_lists_the_aliases_and_every_version(
     }
 
 
+def test_non_finite_metrics_are_reported_as_null(
+    api: TestClient, registry: Registry, tiny_model: Path
+) -> None:
+    registry.register(tiny_model, "ppo", "v1", {"kl": float("nan"), "reward_mean": float("inf")})
+    reply = api.get("/admin/checkpoints")
+    assert reply.status_code == 200
+    assert reply.json()["versions"][-1]["metrics"] == {"kl": None, "reward_mean": None}
+
+
 def test_promote_refuses_unknown_versions_reward_models_and_failed_gates(
     api: TestClient, registry: Registry, tiny_model: Path
 ) -> None:
@@ -183,8 +192,9 @@ def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
         "auto_promote": False,
         "rounds": rounds,
     }
-    assert api.get("/admin/loop?rounds=1").json()["rounds"] == rounds[1:]
-    assert api.get("/admin/loop?rounds=1").json()["rankings_since_last_round"] == 2
+    for limit in (0, 1):  # the last completed round counts even when it is not returned
+        body = api.get(f"/admin/loop?rounds={limit}").json()
+        assert body["rounds"] == rounds[2 - limit :] and body["rankings_since_last_round"] == 2
     assert api.get("/admin/loop?rounds=5000").status_code == 422
 
 

@@ -23,6 +23,8 @@ from serve.store import Completion, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.feedback_helpers import make_completion, save_completions
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 KEY_A, KEY_B = "key-a", "key-b"
 RATE, MAX_COMMENT, MAX_BODY = 5, 50, 4096
 

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from serve.feedback import FeedbackLog
 from serve.store import sync_client
 from tests.serve.feedback_helpers import make_completion, store_rankings
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def loopchat(redis_url: str, *args: str) -> subprocess.CompletedProcess:

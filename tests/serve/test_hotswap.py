@@ -20,8 +20,11 @@ import pytest
 import redis
 from openai import AsyncOpenAI
 
+from serve.engine.hf_engine import HFEngine
+from serve.hotswap import following_live
 from serve.registry import NonFiniteWeights, Registry
-from serve.store import sync_client
+from serve.settings import Settings
+from serve.store import async_client, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.checkpoint_helpers import poisoned, variant
 
@@ -68,9 +71,10 @@ class Cluster:
     servers: dict[str, Server] = field(default_factory=dict)
     answers: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def start(self, engine: str) -> Server:
+    def start(self, engine: str, model: Path | None = None) -> Server:
+        """Start an ``engine`` process; ``model`` (``--model``) only matters if nothing is live."""
         server = start_server(
-            self.models[1],
+            model or self.models[1],
             self.data_dir,
             TEST_REDIS_URL,
             engine=engine,
@@ -233,6 +237,30 @@ def test_rollback_gives_the_previous_versions_greedy_answers_exactly(
     }
 
 
+def test_a_follower_catches_up_at_start_on_a_promotion_it_never_heard(cluster: Cluster) -> None:
+    """Pub/sub keeps nothing for absent listeners: a process must check the alias itself."""
+    registry = cluster.registry
+    registry.promote("v1", by="test", reason="start")
+    engine = HFEngine(registry.local_path("v1"), "v1", Settings(data_dir=cluster.data_dir))
+
+    async def scenario() -> None:
+        await engine.start()
+        aclient = async_client(TEST_REDIS_URL)
+        try:
+            await asyncio.to_thread(registry.promote, "v4", by="test", reason="while not listening")
+            async with following_live(registry, engine, aclient, poll_seconds=60):
+                deadline = time.monotonic() + 30
+                while engine.version != "v4":
+                    assert time.monotonic() < deadline, "the follower never caught up"
+                    await asyncio.sleep(0.05)
+        finally:
+            await aclient.aclose()
+            await engine.shutdown()
+
+    asyncio.run(scenario())
+    assert engine.model_dir == str(registry.local_path("v4"))
+
+
 def test_registry_and_live_alias_survive_a_server_restart(cluster: Cluster) -> None:
     server, answers = cluster.serve("hf")
     assert admin(server, "POST", "/checkpoints/v3/promote").status_code == 200
@@ -241,8 +269,7 @@ def test_registry_and_live_alias_survive_a_server_restart(cluster: Cluster) -> N
     history = cluster.registry.history()
     assert server.stop() is not None
     # Started again with another --model: the registry, not the flag, says what is live.
-    cluster.models[1] = cluster.models[4]
-    restarted = cluster.start("hf")
+    restarted = cluster.start("hf", model=cluster.models[4])
     assert ask(restarted) == ("v3", answers["v3"])
     assert admin(restarted, "GET", "/checkpoints").json() == before
     assert cluster.registry.history() == history

@@ -17,6 +17,8 @@ from serve.feedback import FeedbackLog
 from serve.store import sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
