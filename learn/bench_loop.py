@@ -33,6 +33,7 @@ from learn.bench_common import (
     bench_redis,
     figure,
     model_dir,
+    percentile,
     save_figure,
     scratch_dir,
     service,
@@ -176,7 +177,9 @@ async def _run(svc: Any, args: argparse.Namespace, deadline: Deadline) -> dict[s
             flush=True,
         )
     await client.aclose()
-    return {"curve": curve, "rounds": rounds, "posted": posted, "users_view": users_view}
+    users_rate = {v: {"answers": u["answers"], "rate": u["score"] / u["answers"]}
+                  for v, u in users_view.items() if u["answers"]}  # fmt: skip
+    return {"curve": curve, "rounds": rounds, "posted": posted, "users_view": users_rate}
 
 
 def _round_row(record: dict[str, Any], last_ranking_at: float | None, posted: int) -> dict:
@@ -225,7 +228,7 @@ def _verdict(measured: dict[str, Any]) -> dict[str, Any]:
         "rounds_promoted": sum(r["promoted"] for r in rounds),
         "last_ranking_to_live_s": {
             "max": max(live_times, default=None),
-            "median": sorted(live_times)[len(live_times) // 2] if live_times else None,
+            "median": percentile(live_times, 50),
         },
         "kl_to_sft_within_budget": kl_ok if kl else None,
         "targets": {

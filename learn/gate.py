@@ -40,8 +40,11 @@ Messages = list[dict[str, str]]
 class GateConfig:
     """Budgets and sample sizes of the gate."""
 
-    prompts: int = field(default=16, metadata={"help": "Held-out prompts sampled for KL/reward."})
+    prompts: int = field(default=8, metadata={"help": "Held-out prompts sampled for KL/reward."})
     max_new_tokens: int = field(default=32, metadata={"help": "Length of sampled answers."})
+    max_prompt_length: int = field(
+        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (as served)."})
     kl_budget: float = field(
         default=4.0, metadata={"help": "Largest KL(candidate || live), nats per answer."}
@@ -64,10 +67,12 @@ def load_policy(model_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def encode(tokenizer: Any, messages: Messages, answer_ids: list[int]) -> tuple[list[int], int]:
+def encode(
+    tokenizer: Any, messages: Messages, answer: list[int], config: GateConfig
+) -> tuple[list[int], int]:
     """Token ids of prompt + answer, and where the answer starts."""
-    prompt = encode_prompt(tokenizer, messages, tokenizer.model_max_length)
-    return prompt + answer_ids, len(prompt)
+    prompt = encode_prompt(tokenizer, messages, config.max_prompt_length)
+    return prompt + answer, len(prompt)
 
 
 def answer_ids(tokenizer: Any, text: str) -> list[int]:
@@ -77,52 +82,65 @@ def answer_ids(tokenizer: Any, text: str) -> list[int]:
 
 @torch.no_grad()
 def answer_logprob(
-    model: PreTrainedModel, sequences: list[tuple[list[int], int]], pad_id: int
+    model: PreTrainedModel, sequences: list[tuple[list[int], int]], pad_id: int, batch: int = 32
 ) -> torch.Tensor:
     """Total log-probability of each answer given its prompt: ``[(ids, answer_start), …]``."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for row, (ids, start) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        answer_mask[row, start : len(ids)] = True
-    logprobs = sequence_logprobs(model, input_ids, attention)  # [B, T-1]: log p(ids[t+1] | ..t)
-    return (logprobs * answer_mask[:, 1:]).sum(dim=1)
+    totals = []
+    for first in range(0, len(sequences), batch):
+        chunk = sequences[first : first + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, (ids, start) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            answer_mask[row, start : len(ids)] = True
+        logprobs = sequence_logprobs(model, input_ids, attention)  # [B, T-1]: of ids[t+1]
+        totals.append((logprobs * answer_mask[:, 1:]).sum(dim=1))
+    return torch.cat(totals)
 
 
 @torch.no_grad()
 def sample_answers(
     model: PreTrainedModel, tokenizer: Any, prompts: list[Messages], config: GateConfig
 ) -> list[list[int]]:
-    """One sampled answer per prompt (token ids, ending in eos when the model ended it)."""
-    answers = []
-    for i, messages in enumerate(prompts):
-        ids, _ = encode(tokenizer, messages, [])
-        torch.manual_seed(config.seed + i)  # same randomness for both models
-        out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=True, temperature=config.temperature, top_p=1.0, top_k=0,
-            max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        answers.append(out[0, len(ids):].tolist())
-    return answers
+    """One sampled answer per prompt (token ids, ending in end-of-turn when the model ended
+    it), in one left-padded batch seeded with ``config.seed``: the same draws for both models."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    encoded = [encode(tokenizer, messages, [], config)[0] for messages in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention[row, width - len(ids) :] = 1
+    torch.manual_seed(config.seed)
+    out = model.generate(
+        input_ids, attention_mask=attention, do_sample=True, temperature=config.temperature,
+        top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    rows = out[:, width:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def agreement(
-    model: PreTrainedModel, tokenizer: Any, events: list[dict]
+    model: PreTrainedModel, tokenizer: Any, events: list[dict], config: GateConfig
 ) -> tuple[float, int]:
     """Share of held-out preference pairs where ``model`` gives the preferred answer the higher
     log-likelihood (ties count half), and the number of pairs."""
-    hits, pairs = 0.0, 0
+    sequences, offsets = [], []
     for event in events:
-        sequences = [encode(tokenizer, event["messages"], answer_ids(tokenizer, c))
-                     for c in event["candidates"]]
-        logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
+        offsets.append(len(sequences))
+        sequences += [encode(tokenizer, event["messages"], answer_ids(tokenizer, c), config)
+                      for c in event["candidates"]]
+    logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
+    hits, pairs = 0.0, 0
+    for event, offset in zip(events, offsets, strict=True):
         for better, worse in ranking_pairs(normalise_ranking(event["ranking"])):
-            hits += 1.0 if logp[better] > logp[worse] else 0.5 if logp[better] == logp[worse] else 0
+            won, lost = logp[offset + better], logp[offset + worse]
+            hits += 1.0 if won > lost else 0.5 if won == lost else 0.0
             pairs += 1
     return (hits / pairs if pairs else 0.0), pairs
 
@@ -136,6 +154,8 @@ def evaluate_gate(
     config: GateConfig,
 ) -> dict[str, Any]:
     """Run the checks (module docstring) and return the verdict with its numbers."""
+    if not prompts:
+        raise ValueError("the gate needs at least one prompt to sample answers for")
     result: dict[str, Any] = {"passed": False, "reasons": [], "kl_budget": config.kl_budget}
 
     def verdict() -> dict[str, Any]:
@@ -153,7 +173,9 @@ def evaluate_gate(
     try:
         candidate = load_policy(candidate_dir)
         cand_answers = sample_answers(candidate, tokenizer, prompts, config)
-        sequences = [encode(tokenizer, p, a) for p, a in zip(prompts, cand_answers, strict=True)]
+        sequences = [
+            encode(tokenizer, p, a, config) for p, a in zip(prompts, cand_answers, strict=True)
+        ]
         cand_logp = answer_logprob(candidate, sequences, tokenizer.pad_token_id)
     except Exception as exc:  # any failure to load or run is the verdict, not a crash
         result["generates"] = False
@@ -184,9 +206,9 @@ def evaluate_gate(
 
     if heldout_events:
         result["agreement_candidate"], result["heldout_pairs"] = agreement(
-            candidate, tokenizer, heldout_events
+            candidate, tokenizer, heldout_events, config
         )
-        result["agreement_live"], _ = agreement(live, tokenizer, heldout_events)
+        result["agreement_live"], _ = agreement(live, tokenizer, heldout_events, config)
         if result["agreement_candidate"] < result["agreement_live"] - config.agreement_tolerance:
             result["reasons"].append(
                 f"agrees with users on {result['agreement_candidate']:.1%} of held-out pairs, "

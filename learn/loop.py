@@ -101,8 +101,11 @@ class LoopConfig:
         metadata={"help": "Skip the round (consume nothing) with fewer new rankings than this."},
     )
     rm_window: int = field(
-        default=0,
-        metadata={"help": "Reward model trains on the last N rankings; 0 = all rankings so far."},
+        default=256,
+        metadata={
+            "help": "Reward model trains on the last N rankings (0 = all so far). It warm-starts "
+            "from the last one, so a window bounds the round's time without forgetting."
+        },
     )
     heldout_fraction: float = field(
         default=0.1,
@@ -131,11 +134,19 @@ class LoopConfig:
     keep_rounds: int = field(
         default=1000, metadata={"help": "Round records kept in loopchat:loop:rounds."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for sampling prompts and data order."})
+    seed: int = field(default=0, metadata={"help": "Seed of the pre-training texts drawn for ptx."})
     reward: RewardConfig = field(
         default_factory=RewardConfig, metadata={"help": "Reward-model refresh settings."}
     )
-    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO settings."})
+    ppo: PPOConfig = field(
+        default_factory=lambda: PPOConfig(engine="hf", response_length=32),
+        metadata={
+            "help": "PPO settings. Rollouts use transformers here: on the ~1M built-in model "
+            "vLLM's start (~25 s) and per-step overhead cost more than the whole HF rollout; "
+            'set {"engine": "vllm"} for larger models and GPU workers. Answers of the built-in '
+            "tasks fit in 32 tokens."
+        },
+    )
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "Gate settings."})
 
     def with_overrides(self, overrides: dict[str, Any]) -> LoopConfig:

@@ -24,6 +24,10 @@ bypass it. The gate itself (``record_gate``) is written by the learning loop; it
 ``passed: bool`` and should say why in ``reasons`` (a list of strings); a failed gate blocks
 promotion unless ``force``.
 
+Retention: ``prune(keep)`` deletes all but the newest ``keep`` policies and reward models, never
+live, previous, the candidate or the newest ``sft`` version (PPO's KL reference). A registry made
+by ``from_settings`` prunes after every registration (``LOOPCHAT_KEEP_VERSIONS``).
+
 Redis keys (prefix ``loopchat:registry:``):
 
 - ``seq:policy``, ``seq:reward`` — counters handing out version numbers.
@@ -40,6 +44,7 @@ Redis keys (prefix ``loopchat:registry:``):
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -58,6 +63,8 @@ KINDS: frozenset[str] = POLICY_KINDS | {"reward"}
 ALIASES: tuple[str, ...] = ("live", "candidate", "previous")
 METADATA_FILE = "loopchat.json"
 CHANNEL = key("registry", "events")
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(Exception):
@@ -137,12 +144,19 @@ class Registry:
     """Versions, aliases and history in Redis; weights in an fsspec checkpoint store."""
 
     def __init__(
-        self, client: redis.Redis, checkpoints_url: str, cache_dir: Path | None = None
+        self,
+        client: redis.Redis,
+        checkpoints_url: str,
+        cache_dir: Path | None = None,
+        keep: int | None = None,
     ) -> None:
         """``client`` must decode responses (``serve.store.sync_client``). ``cache_dir`` holds
         local copies of versions from a remote store (default ``<data_dir>/cache/checkpoints``).
+        With ``keep``, every registration ends with ``prune(keep)``, so the store stays bounded
+        whoever registers.
         """
         self.client = client
+        self.keep = keep
         self.checkpoints_url = str(checkpoints_url).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.checkpoints_url)
         self.root = self.root.rstrip("/")
@@ -154,10 +168,9 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Any, client: redis.Redis) -> Registry:
-        """The registry for these settings (store ``settings.checkpoints_url``)."""
-        return cls(
-            client, settings.checkpoints_url, Path(settings.data_dir) / "cache" / "checkpoints"
-        )
+        """The registry for these settings (store ``checkpoints_url``, ``keep_versions``)."""
+        cache_dir = Path(settings.data_dir) / "cache" / "checkpoints"
+        return cls(client, settings.checkpoints_url, cache_dir, keep=settings.keep_versions)
 
     # ------------------------------------------------------------------ versions
 
@@ -230,6 +243,11 @@ class Registry:
         pipe.hset(_rkey("version", version), "meta", json.dumps(meta))
         pipe.zadd(_rkey("versions"), {version: meta["created_at"]})
         pipe.execute()
+        if self.keep is not None:
+            try:
+                self.prune(self.keep)
+            except Exception:  # the version is registered; retention can catch up next time
+                log.exception("pruning old checkpoints failed")
         return version
 
     def get(self, version: str) -> dict | None:
@@ -310,7 +328,15 @@ class Registry:
         meta = self._require(version)
         if meta["kind"] not in POLICY_KINDS:
             raise NotAPolicy(f"{version} is a {meta['kind']} model, not a policy")
-        self.client.set(_rkey("alias", "candidate"), version)
+        vkey = _rkey("version", version)
+
+        def mark(pipe: redis.client.Pipeline) -> None:
+            if not pipe.exists(vkey):  # pruned since we looked
+                raise UnknownVersion(f"unknown version {version!r}")
+            pipe.multi()
+            pipe.set(_rkey("alias", "candidate"), version)
+
+        self.client.transaction(mark, vkey)
         self._publish("candidate", version)
 
     def promote(
@@ -337,6 +363,8 @@ class Registry:
         def push(pipe: redis.client.Pipeline) -> None:
             live = pipe.lindex(stack, 0)
             changed.clear()
+            if not pipe.exists(_rkey("version", version)):  # pruned since we looked
+                raise UnknownVersion(f"unknown version {version!r}")
             if live == version:
                 return
             clears_candidate = pipe.get(cand) == version
@@ -355,7 +383,7 @@ class Registry:
                 pipe.delete(cand)
             changed.update(live=version, previous=live, candidate=clears_candidate)
 
-        self.client.transaction(push, stack, cand)
+        self.client.transaction(push, stack, cand, _rkey("version", version))
         if changed:
             self._publish("live", version)
             self._publish("previous", changed["previous"])
@@ -428,13 +456,26 @@ class Registry:
                 version = meta["version"]
                 if version in protected:
                     continue
-                pipe = self.client.pipeline(transaction=True)
-                pipe.zrem(_rkey("versions"), version)
-                pipe.delete(_rkey("version", version))
-                pipe.lrem(_rkey("live_stack"), 0, version)
-                pipe.execute()
+                if not self._forget_unless_aliased(version):
+                    continue
                 if self.fs.exists(self._store_path(version)):
                     self.fs.rm(self._store_path(version), recursive=True)
                 shutil.rmtree(self.cache_dir / version, ignore_errors=True)
                 deleted.append(version)
         return deleted
+
+    def _forget_unless_aliased(self, version: str) -> bool:
+        """Remove ``version`` from Redis unless an alias took it meanwhile (a promotion racing
+        the prune): checked and done in one transaction watching the aliases."""
+        stack, cand = _rkey("live_stack"), _rkey("alias", "candidate")
+
+        def forget(pipe: redis.client.Pipeline) -> bool:
+            if version in (pipe.lindex(stack, 0), pipe.lindex(stack, 1), pipe.get(cand)):
+                return False
+            pipe.multi()
+            pipe.zrem(_rkey("versions"), version)
+            pipe.delete(_rkey("version", version))
+            pipe.lrem(stack, 0, version)
+            return True
+
+        return self.client.transaction(forget, stack, cand, value_from_callable=True)

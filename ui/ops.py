@@ -81,7 +81,8 @@ def loop_summary(loop: dict[str, Any]) -> str:
     ]
     if last:
         outcome = last.get("error") or (
-            f"candidate {last.get('candidate')}, promoted: {last.get('promoted')}"
+            f"candidate {last.get('candidate')}, "
+            f"{'promoted' if last.get('promoted') else 'not promoted'}"
         )
         lines.append(f"**Last round** `{last['round']}` ({last['status']}): {outcome}")
     return "\n\n".join(lines)

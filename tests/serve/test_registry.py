@@ -206,6 +206,17 @@ def test_prune_keeps_the_last_n_and_every_alias(registry: Registry, tiny_model: 
     assert registry.rollback(by="op", reason="r") == "v3"
 
 
+def test_a_registry_with_keep_prunes_after_every_registration(
+    client: redis.Redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    registry = Registry(client, str(tmp_path / "store"), tmp_path / "cache", keep=2)
+    registry.ensure_live(tiny_model)
+    for _ in range(4):  # v2..v5
+        registry.register(tiny_model, "ppo", "v1", {})
+    assert [m["version"] for m in registry.versions()] == ["v1", "v4", "v5"]
+    assert sorted(p.name for p in Path(registry.root).iterdir()) == ["v1", "v4", "v5"]
+
+
 def test_a_remote_store_is_fetched_once_into_the_local_cache(
     client: redis.Redis, tiny_model: Path, tmp_path: Path
 ) -> None:
