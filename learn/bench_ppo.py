@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="results", help="Folder for the JSON results and PNG plots."
     )
-    parser.add_argument("--steps", type=int, default=5, help="Measured PPO steps (5).")
+    parser.add_argument("--steps", type=int, default=3, help="Measured PPO steps (3).")
     parser.add_argument("--batch-size", type=int, default=8, help="Episodes per step (8).")
     parser.add_argument("--response-length", type=int, default=64, help="Answer tokens (64).")
     parser.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs per step (4).")

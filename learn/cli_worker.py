@@ -33,7 +33,9 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
         help='JSON overrides of LoopConfig, e.g. \'{"ppo": {"steps": 4}, "max_prompts": 8}\'.',
     )
     round_.add_argument(
-        "--async", dest="queue", action="store_true",
+        "--async",
+        dest="queue",
+        action="store_true",
         help="queue the round for a `loopchat worker` instead of running it here",
     )
     round_.add_argument(
@@ -48,9 +50,14 @@ def _worker(args: argparse.Namespace) -> int:
     hostname = args.hostname or f"learn-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(
         [
-            "worker", "--queues=learn", "--pool=solo", "--concurrency=1",
-            f"--loglevel={args.loglevel}", f"--hostname={hostname}",
-            "--without-gossip", "--without-mingle",
+            "worker",
+            "--queues=learn",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--loglevel={args.loglevel}",
+            f"--hostname={hostname}",
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
     return 0

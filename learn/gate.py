@@ -117,8 +117,14 @@ def sample_answers(
         attention[row, width - len(ids) :] = 1
     torch.manual_seed(config.seed)
     out = model.generate(
-        input_ids, attention_mask=attention, do_sample=True, temperature=config.temperature,
-        top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=pad,
+        input_ids,
+        attention_mask=attention,
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=pad,
         eos_token_id=eos,
     )
     rows = out[:, width:].tolist()
@@ -133,8 +139,10 @@ def agreement(
     sequences, offsets = [], []
     for event in events:
         offsets.append(len(sequences))
-        sequences += [encode(tokenizer, event["messages"], answer_ids(tokenizer, c), config)
-                      for c in event["candidates"]]
+        sequences += [
+            encode(tokenizer, event["messages"], answer_ids(tokenizer, c), config)
+            for c in event["candidates"]
+        ]
     logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
     hits, pairs = 0.0, 0
     for event, offset in zip(events, offsets, strict=True):

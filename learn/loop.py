@@ -24,27 +24,32 @@ only then are its entries acked (and removed from ``counted`` again). So:
   acked, and not counted a second time;
 - a round that dies before committing counted nothing; its entries are reclaimed by the next.
 
-The reward model trains on *all* rankings so far (or the last ``rm_window``), not only the new
-ones: "counting" means the new rankings a round reports and consumes from the group.
+The reward model trains on the last ``rm_window`` rankings (default 256; 0 = all so far),
+not only the new ones, warm-starting from the previous one: "counting" means the new rankings a
+round reports and consumes from the group. A round that skips (lock taken, too few new
+rankings, no ranking that orders two answers) returns ``{"round", "skipped": reason}``,
+consumes nothing and writes nothing.
 
 Redis keys (prefix ``loopchat:loop:``), read by ``GET /admin/loop`` and the ops page:
 
-- ``rounds`` — list of JSON round records, oldest first (the last ``keep_rounds``)::
+- ``rounds`` — list of JSON round records, oldest first (the last ``keep_rounds``). A finished
+  round::
 
-    {"round": "<id>", "status": "done" | "failed",
-     "started_at": float, "finished_at": float,
+    {"round": "<id>", "status": "done",
+     "started_at": float, "finished_at": float,                       # unix time
      "stream": {"first": "<entry id>", "last": "<entry id>", "count": int},   # consumed
      "rankings_new": int,          # new rankings this round consumed (each counted once)
      "rankings_total": int,        # rankings in the stream when the round read it
-     "data_window": {"first", "last", "train": int, "heldout": int},  # what the RM saw
-     "live": "vN", "reference": "vN",
-     "rm": {"version": "rm-N", ...reward metrics: heldout_accuracy, reward_mean, ...},
-     "ppo": {...PPO metrics: reward_mean, kl, ...},
-     "gate": {"passed": bool, "reasons": [...], ...numbers} ,
+     "data_window": {"first": id, "last": id, "train": int, "heldout": int},  # RM's data
+     "live": "vN", "reference": "vN",      # PPO's start and its KL reference (sft)
+     "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
+     "ppo": {...learn.ppo metrics: reward_mean, kl, ..., "history": [per-step dicts]},
+     "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
      "candidate": "vN", "promoted": bool,
-     "timings": {"read", "reward", "ppo", "register", "gate", "total"},   # seconds
-     "error": "..."}               # only when status is "failed"
+     "timings": {"read", "reward", "ppo", "register", "gate", "total"}}   # seconds
 
+  A round that raised: ``{"round", "status": "failed", "started_at", "finished_at",
+  "error"}`` (its rankings stay pending for the next round).
 - ``last_id`` — the newest stream entry id any committed round consumed (rankings after it
   are "since the last round").
 - ``round:<id>`` — the committed record of round ``<id>`` (expires after a week).
@@ -311,8 +316,13 @@ def run_round(
         try:
             record, consumed = _round(round_id, started, config, settings, client, lock)
         except Exception as exc:
-            failed = {"round": round_id, "status": "failed", "started_at": started,
-                      "finished_at": time.time(), "error": f"{type(exc).__name__}: {exc}"}
+            failed = {
+                "round": round_id,
+                "status": "failed",
+                "started_at": started,
+                "finished_at": time.time(),
+                "error": f"{type(exc).__name__}: {exc}",
+            }
             client.rpush(ROUNDS, json.dumps(failed))
             client.ltrim(ROUNDS, -config.keep_rounds, -1)
             raise
@@ -353,13 +363,17 @@ def _round(
         return {"round": round_id, "skipped": skipped}, []
 
     everything = list(feedback.iter_events())
-    window = everything[-config.rm_window:] if config.rm_window else everything
+    window = everything[-config.rm_window :] if config.rm_window else everything
     ranked = [(entry_id, ev) for entry_id, ev in window if has_preference(ev)]
     if not ranked:  # e.g. only all-bad rankings so far; they wait for the next round
         return {"round": round_id, "skipped": "no ranking orders two answers yet"}, []
     train, heldout = split_recent(ranked, config.heldout_fraction, config.max_heldout)
-    data_window = {"first": ranked[0][0], "last": ranked[-1][0], "train": len(train),
-                   "heldout": len(heldout)}
+    data_window = {
+        "first": ranked[0][0],
+        "last": ranked[-1][0],
+        "train": len(train),
+        "heldout": len(heldout),
+    }
     timings["read"] = time.time() - started
 
     registry = Registry.from_settings(settings, client)
@@ -376,11 +390,17 @@ def _round(
         previous_rm = reward_models[-1]["version"] if reward_models else None
         rm_init = registry.local_path(previous_rm or reference)
         rm_metrics = train_reward_model(
-            [ev for _, ev in train], rm_init, work / "rm", config.reward,
+            [ev for _, ev in train],
+            rm_init,
+            work / "rm",
+            config.reward,
             heldout_events=[ev for _, ev in heldout],
         )
         rm = registry.register(
-            work / "rm", "reward", parent=previous_rm or reference, metrics=rm_metrics,
+            work / "rm",
+            "reward",
+            parent=previous_rm or reference,
+            metrics=rm_metrics,
             info={"round": round_id, "data_window": data_window},
         )
         rm_dir = registry.local_path(rm)
@@ -391,18 +411,30 @@ def _round(
         events = [ev for _, ev in window]
         prompts = recent_prompts(events, config.max_prompts)
         ppo_metrics = train_ppo(
-            live_dir, registry.local_path(reference), rm_dir, prompts,
+            live_dir,
+            registry.local_path(reference),
+            rm_dir,
+            prompts,
             pretrain_texts(config.ptx_texts, config.seed) if config.ptx_texts else None,
-            work / "policy", config.ppo,
+            work / "policy",
+            config.ppo,
         )
         timings["ppo"] = time.time() - t
 
         # 3. Register the candidate.
         t = time.time()
         candidate = registry.register(
-            work / "policy", "ppo", parent=live, metrics=ppo_metrics,
-            info={"reward_model": rm, "reference": reference, "data_window": data_window,
-                  "round": round_id, "prompts": len(prompts)},
+            work / "policy",
+            "ppo",
+            parent=live,
+            metrics=ppo_metrics,
+            info={
+                "reward_model": rm,
+                "reference": reference,
+                "data_window": data_window,
+                "round": round_id,
+                "prompts": len(prompts),
+            },
         )
         registry.set_candidate(candidate)
         timings["register"] = time.time() - t
@@ -411,8 +443,12 @@ def _round(
     t = time.time()
     gate_prompts = recent_prompts([ev for _, ev in heldout] + events, config.gate.prompts)
     gate = evaluate_gate(
-        registry.local_path(candidate), live_dir, rm_dir,
-        [ev for _, ev in heldout], gate_prompts, config.gate,
+        registry.local_path(candidate),
+        live_dir,
+        rm_dir,
+        [ev for _, ev in heldout],
+        gate_prompts,
+        config.gate,
     )
     registry.record_gate(candidate, gate)
     timings["gate"] = time.time() - t
@@ -426,12 +462,22 @@ def _round(
     new_ids = [entry_id for entry_id, _ in new]
     timings["total"] = time.time() - started
     record = {
-        "round": round_id, "status": "done", "started_at": started, "finished_at": time.time(),
+        "round": round_id,
+        "status": "done",
+        "started_at": started,
+        "finished_at": time.time(),
         "stream": {"first": new_ids[0], "last": new_ids[-1], "count": len(new_ids)},
-        "rankings_new": len(new_ids), "rankings_total": len(everything),
-        "data_window": data_window, "live": live, "reference": reference,
-        "rm": {"version": rm, **rm_metrics}, "ppo": ppo_metrics, "gate": gate,
-        "candidate": candidate, "promoted": promoted, "timings": timings,
+        "rankings_new": len(new_ids),
+        "rankings_total": len(everything),
+        "data_window": data_window,
+        "live": live,
+        "reference": reference,
+        "rm": {"version": rm, **rm_metrics},
+        "ppo": ppo_metrics,
+        "gate": gate,
+        "candidate": candidate,
+        "promoted": promoted,
+        "timings": timings,
     }
     return record, new_ids
 

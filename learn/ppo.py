@@ -43,6 +43,7 @@ from learn.reward import (
     last_token_rewards,
     load_reward_model,
     normalize_rewards,
+    resolve_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,11 @@ class PPOConfig:
         default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order, ptx."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.engine not in ("vllm", "hf"):
@@ -153,6 +157,9 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> Rollout:
         return Rollout(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def make_rollout(
@@ -275,8 +282,9 @@ class HFSampler:
         for row, p in enumerate(prompts):  # generate wants left padding
             ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p) :] = 1
+        device = self.policy.lm.device
         out = self.policy.lm.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True,
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
             temperature=self.config.temperature, top_k=0, top_p=1.0,
             max_new_tokens=self.config.response_length, pad_token_id=pad, eos_token_id=eos,
         )  # fmt: skip
@@ -377,7 +385,7 @@ def score_rollout(
 ) -> tuple[Experience, dict[str, float]]:
     """The no-gradient forwards, the per-token rewards and the advantages."""
     mask = rollout.response_mask
-    with torch.no_grad(), autocast(config.bf16):
+    with torch.no_grad(), autocast(rollout.input_ids.device, config.bf16):
         logits, values = policy(rollout, config.temperature)
         logprobs = rlhf.logprobs_from_logits(logits, rollout.responses)
         entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
@@ -442,7 +450,7 @@ def ppo_minibatch_step(
     batch = exp.rollout.select(rows)
     mask = batch.response_mask
     old_logprobs, advantages = exp.logprobs[rows], exp.advantages[rows]
-    with autocast(config.bf16):
+    with autocast(batch.input_ids.device, config.bf16):
         logits, values = policy(batch, config.temperature)
         logprobs = rlhf.logprobs_from_logits(logits, batch.responses)
         pg_loss = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, config.cliprange)
@@ -472,8 +480,8 @@ def ppo_minibatch_step(
     return stats
 
 
-def autocast(enabled: bool) -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -508,16 +516,17 @@ def train_ppo(
         check_model_dir(model_dir)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-    policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(str(policy_dir)))
-    ref, rm = load_frozen(ref_dir), load_reward_model(reward_dir)
+    policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(str(policy_dir))).to(device)
+    ref, rm = load_frozen(ref_dir).to(device), load_reward_model(reward_dir).to(device)
     rm.requires_grad_(False)
     for name, other in (("reference", ref), ("reward model", rm)):
         if other.config.vocab_size != policy.lm.config.vocab_size:
             raise ValueError(f"the {name} does not share the policy's vocabulary")
     prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
     ptx = (
-        pack_ptx(tokenizer, ptx_texts, config.ptx_length)
+        pack_ptx(tokenizer, ptx_texts, config.ptx_length).to(device)
         if ptx_texts and config.ptx_coef > 0
         else None
     )
@@ -568,6 +577,7 @@ def ppo_step(
     clock = time.perf_counter()
     responses, sampler_logprobs = sampler.generate(prompts)
     rollout = make_rollout(prompts, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rollout = rollout.to(policy.lm.device)
     t_generation = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -602,7 +612,7 @@ def sampler_gap(sampler_logprobs: list[list[float]], trainer_logprobs: torch.Ten
     total, count = 0.0, 0
     for row, values in enumerate(sampler_logprobs):
         theirs = torch.tensor(values, dtype=torch.float32)
-        total += (theirs - trainer_logprobs[row, : len(values)]).abs().sum().item()
+        total += (theirs - trainer_logprobs[row, : len(values)].cpu()).abs().sum().item()
         count += len(values)
     return total / max(1, count)
 

@@ -45,7 +45,9 @@ def _print_config(args: argparse.Namespace) -> int:
 
     print("| variable | default | meaning |\n| --- | --- | --- |")
     for name, field in Settings.model_fields.items():
-        default = "(data dir)" if name == "data_dir" else field.get_default(call_default_factory=True)
+        default = (
+            "(data dir)" if name == "data_dir" else field.get_default(call_default_factory=True)
+        )
         print(f"| `LOOPCHAT_{name.upper()}` | `{default}` | {field.description} |")
     return 0
 

@@ -21,8 +21,16 @@ TINY = {
     "max_prompts": 4,
     "ptx_texts": 8,
     "reward": {"rankings_per_batch": 4, "warmup_steps": 1},
-    "ppo": {"engine": "hf", "steps": 2, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
-            "response_length": 8, "ptx_batch_size": 2, "ptx_length": 32},
+    "ppo": {
+        "engine": "hf",
+        "steps": 2,
+        "batch_size": 4,
+        "mini_batch_size": 4,
+        "ppo_epochs": 1,
+        "response_length": 8,
+        "ptx_batch_size": 2,
+        "ptx_length": 32,
+    },
     "gate": {"prompts": 2, "max_new_tokens": 8},
 }
 
@@ -49,13 +57,21 @@ def sample_completions(
         )["input_ids"]
         with torch.no_grad():
             out = model.generate(
-                ids, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
+                ids,
+                do_sample=True,
+                num_return_sequences=n,
+                max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        answers = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        answers = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         completions.append(
-            Completion(id=f"chatcmpl-{uuid.uuid4().hex}", messages=messages,
-                       candidates=answers, version="v1", user="tester")
+            Completion(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                messages=messages,
+                candidates=answers,
+                version="v1",
+                user="tester",
+            )
         )
     return completions
 
@@ -81,7 +97,8 @@ def submit_rankings(
         for completion in completions:
             await store.save(completion)
             request = FeedbackRequest(
-                completion_id=completion.id, ranking=shorter_first(completion.candidates),
+                completion_id=completion.id,
+                ranking=shorter_first(completion.candidates),
                 user=completion.user,
             )
             result = await service.submit(request, api_key=None, client_address="127.0.0.1")

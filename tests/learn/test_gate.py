@@ -22,8 +22,13 @@ def rankings(tiny_model: Path) -> list[dict]:
     """Feedback events: the tiny model's sampled answers, ranked shortest first."""
     completions = sample_completions(tiny_model, arithmetic_prompts(16, seed=1), n=3)
     return [
-        {"id": c.id, "messages": c.messages, "candidates": c.candidates,
-         "ranking": shorter_first(c.candidates), "all_bad": False}
+        {
+            "id": c.id,
+            "messages": c.messages,
+            "candidates": c.candidates,
+            "ranking": shorter_first(c.candidates),
+            "all_bad": False,
+        }
         for c in completions
     ]
 

@@ -43,9 +43,16 @@ def loop(redis_url: str, tmp_path: Path, tiny_model: Path):
 
 def fresh(completions: list[Completion]) -> list[Completion]:
     """The same answers as new completions (a completion can be ranked once per user)."""
-    return [Completion(id=f"{c.id}-{time.monotonic_ns()}", messages=c.messages,
-                       candidates=c.candidates, version=c.version, user=c.user)
-            for c in completions]
+    return [
+        Completion(
+            id=f"{c.id}-{time.monotonic_ns()}",
+            messages=c.messages,
+            candidates=c.candidates,
+            version=c.version,
+            user=c.user,
+        )
+        for c in completions
+    ]
 
 
 def stream_ids(client: redis.Redis) -> list[str]:

@@ -63,8 +63,8 @@ def test_templates_without_generation_markers_give_the_same_mask(tokenizer):
     """Hub models' templates rarely mark assistant text; the prefix-difference path must agree
     with the marked one."""
     plain = copy.deepcopy(tokenizer)
-    plain.chat_template = (
-        tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    plain.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
     )
     for messages in CONVERSATIONS:
         assert assistant_mask(plain, messages) == assistant_mask(tokenizer, messages)

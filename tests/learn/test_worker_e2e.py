@@ -42,7 +42,9 @@ def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
     with open(log, "wb") as fh:
         process = subprocess.Popen(
             [sys.executable, "-m", "serve.cli", "worker", "--loglevel", "INFO"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     yield process, log
     process.terminate()
@@ -87,11 +89,14 @@ def test_a_celery_worker_runs_a_triggered_round_and_leaves_a_loadable_candidate(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=4, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert out.shape[1] > ids.shape[1]
     client.close()

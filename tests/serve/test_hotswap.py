@@ -261,6 +261,7 @@ def test_a_follower_catches_up_at_start_on_a_promotion_it_never_heard(cluster: C
     assert engine.model_dir == str(registry.local_path("v4"))
 
 
+@pytest.mark.slow
 def test_registry_and_live_alias_survive_a_server_restart(cluster: Cluster) -> None:
     server, answers = cluster.serve("hf")
     assert admin(server, "POST", "/checkpoints/v3/promote").status_code == 200
@@ -275,6 +276,7 @@ def test_registry_and_live_alias_survive_a_server_restart(cluster: Cluster) -> N
     assert cluster.registry.history() == history
 
 
+@pytest.mark.slow
 def test_embedded_redis_keeps_the_registry_across_a_full_restart(
     tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -23,9 +23,7 @@ def test_concurrent_replicas_queue_one_round_per_round_every_rankings(redis_url:
 
     async def replicas() -> None:
         clients = [async_client(redis_url) for _ in range(4)]  # four API processes
-        await asyncio.gather(
-            *(on_ranking_stored(clients[i % 4], settings) for i in range(17))
-        )
+        await asyncio.gather(*(on_ranking_stored(clients[i % 4], settings) for i in range(17)))
         for client in clients:
             await client.aclose()
 
