@@ -98,23 +98,34 @@ def load_conversations(files: list[str]) -> list[list[dict]]:
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def assistant_mask(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict]
-) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a 0/1 mask of the assistant's tokens.
+def assistant_masks(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each rendered conversation and a 0/1 mask of the assistant's tokens.
 
-    Templates that mark assistant text with ``{% generation %}`` (ours) give the mask directly.
-    For others (most hub models), assistant turn ``i``'s tokens are those that rendering
+    Templates that mark assistant text with ``{% generation %}`` (ours) give the masks directly
+    (rendered and tokenized in batches: the fast tokenizer encodes a batch in parallel). For
+    others (most hub models), assistant turn ``i``'s tokens are those that rendering
     ``messages[:i + 1]`` adds to rendering ``messages[:i]`` with the generation prompt, which is
-    exact as long as the template renders a conversation's prefix as a prefix of its tokens
+    exact as long as the template renders a conversation's start as a prefix of its tokens
     (checked).
     """
-    template = tokenizer.chat_template or ""
-    if _GENERATION_TAG.search(template):
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)  # fmt: skip
-        return list(enc["input_ids"]), list(enc["assistant_masks"])
+    if not _GENERATION_TAG.search(tokenizer.chat_template or ""):
+        return [_mask_by_prefixes(tokenizer, messages) for messages in conversations]
+    out = []
+    for start in range(0, len(conversations), 512):
+        chunk = conversations[start : start + 512]
+        enc = tokenizer.apply_chat_template(
+            chunk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        pairs = zip(enc["input_ids"], enc["assistant_masks"], strict=True)
+        out += [(list(ids), list(mask)) for ids, mask in pairs]
+    return out
 
+
+def _mask_by_prefixes(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict]
+) -> tuple[list[int], list[int]]:
     def render(part: list[dict], prompt: bool) -> list[int]:
         enc = tokenizer.apply_chat_template(part, tokenize=True, return_dict=True,
                                             add_generation_prompt=prompt)  # fmt: skip
@@ -134,19 +145,24 @@ def assistant_mask(
     return ids, mask
 
 
-def conversation_doc(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict]
-) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one conversation: labels are the ids on assistant tokens, else IGNORE."""
-    ids, mask = assistant_mask(tokenizer, messages)
-    return ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+def conversation_docs(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per conversation: labels are the ids on assistant tokens, else IGNORE."""
+    return [
+        (ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
+        for ids, mask in assistant_masks(tokenizer, conversations)
+    ]
 
 
 def pack_conversations(
     tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], seq_len: int
 ) -> Packed:
+    """Packed rows of conversations, each cut to ``seq_len`` tokens: a conversation is never
+    split across rows, where its later turns would lose the earlier ones they refer to."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return pack((conversation_doc(tokenizer, c) for c in conversations), seq_len, pad)
+    docs = conversation_docs(tokenizer, conversations)
+    return pack(((ids[:seq_len], labels[:seq_len]) for ids, labels in docs), seq_len, pad)
 
 
 # --- stage 2 --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt, ValidationInfo, field_validator
 
 from serve.engine.base import SamplingOptions
 
@@ -89,6 +89,14 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampled_when_several(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Greedy decoding gives one answer: n > 1 identical candidates cannot be ranked."""
+        if value == 0 and (info.data.get("n") or 1) > 1:
+            raise ValueError("must be above 0 when n > 1 (greedy candidates are all the same)")
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from serve import metrics
-from serve.engine.base import Delta, Engine, SamplingOptions, Usage
+from serve.engine.base import Delta, Engine, EngineRequestError, SamplingOptions, Usage
 from serve.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -103,7 +103,10 @@ class ChatService:
         deltas = self.engine.generate(job.id, job.prompt_ids, job.options)
         if request.stream:
             return self._stream(job, deltas)
-        return await self._complete(job, deltas)
+        try:
+            return await self._complete(job, deltas)
+        except EngineRequestError as exc:
+            return ErrorResponse.make(400, str(exc), code="invalid_parameters")
 
     def _prepare(self, request: ChatCompletionRequest, api_key: str | None) -> _Job | ErrorResponse:
         if request.model != self.settings.model_name:
@@ -223,7 +226,11 @@ class ChatService:
                             index=delta.index, delta=content, finish_reason=delta.finish_reason
                         )
                         yield chunk([choice])
-        except Exception:  # the status line is sent already: report in the stream itself
+        except EngineRequestError as exc:  # the status line is sent: report in the stream
+            yield sse(
+                ErrorResponse.make(400, str(exc), code="invalid_parameters").model_dump_json()
+            )
+        except Exception:
             log.exception("chat completion %s failed while streaming", job.id)
             error = ErrorResponse.make(
                 500, "Generation failed (details are in the server log).", type="server_error"

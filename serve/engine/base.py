@@ -22,6 +22,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from serve.settings import Settings
 
 
+class EngineRequestError(ValueError):
+    """The engine refused a request's parameters: the client's mistake (answered 400)."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample the ``n`` candidates of one request (OpenAI's parameters, validated).
@@ -137,6 +141,8 @@ class Engine(ABC):
 
         Closing or cancelling the iterator (client disconnect) aborts the request.
         """
+        if options.n > 1 and options.temperature == 0:
+            raise EngineRequestError("n > 1 needs temperature > 0 (greedy answers are all equal)")
         await self._open.wait()
         version = self.version
         self._admitted.enter()

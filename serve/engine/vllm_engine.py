@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from serve.engine.base import Engine, SamplingOptions
+from serve.engine.base import Engine, EngineRequestError, SamplingOptions
 from serve.settings import Settings
 
 
@@ -70,6 +70,7 @@ class VLLMEngine(Engine):
         self, request_id: str, prompt_ids: list[int], options: SamplingOptions
     ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
         from vllm import SamplingParams, TokensPrompt
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
@@ -82,6 +83,9 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
-        async for output in self._llm.generate(prompt, params, request_id):
-            for choice in output.outputs:
-                yield choice.index, choice.text, len(choice.token_ids), choice.finish_reason
+        try:
+            async for output in self._llm.generate(prompt, params, request_id):
+                for choice in output.outputs:
+                    yield choice.index, choice.text, len(choice.token_ids), choice.finish_reason
+        except VLLMValidationError as exc:
+            raise EngineRequestError(str(exc)) from None

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learn.pretrain import IGNORE
-from learn.sft import SFTConfig, assistant_mask, conversation_doc, sft
+from learn.sft import SFTConfig, assistant_masks, conversation_docs, sft
 
 CONVERSATIONS = [
     [
@@ -46,7 +46,7 @@ def tokenizer(tiny_model: Path):
 
 def test_assistant_mask_is_exact_on_a_multi_turn_conversation(tokenizer):
     messages = CONVERSATIONS[0] + CONVERSATIONS[2]  # system, 4 user and 4 assistant turns
-    ids, mask = assistant_mask(tokenizer, messages)
+    [(ids, mask)] = assistant_masks(tokenizer, [messages])
     assert len(ids) == len(mask)
     kept = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
     dropped = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
@@ -66,12 +66,11 @@ def test_templates_without_generation_markers_give_the_same_mask(tokenizer):
     plain.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
         "{% endgeneration %}", ""
     )
-    for messages in CONVERSATIONS:
-        assert assistant_mask(plain, messages) == assistant_mask(tokenizer, messages)
+    assert assistant_masks(plain, CONVERSATIONS) == assistant_masks(tokenizer, CONVERSATIONS)
 
 
 def test_labels_keep_assistant_tokens_only(tokenizer):
-    ids, labels = conversation_doc(tokenizer, CONVERSATIONS[1])
+    [(ids, labels)] = conversation_docs(tokenizer, [CONVERSATIONS[1]])
     kept = [t for t in labels if t != IGNORE]
     assert tokenizer.decode(kept) == "Hello! How can I help?<|end|>"
     assert len(ids) == len(labels)
