@@ -182,9 +182,10 @@ def bench_redis(redis_url: str | None, work: Path) -> Iterator[str]:
                 pass  # already gone (shutdown closes the connection as it succeeds)
         return
     client = sync_client(redis_url)
+    if next(client.scan_iter("loopchat:*", count=1000), None) is not None:
+        client.close()
+        raise CLIError(f"--redis-url {redis_url} already holds loopchat keys; use an empty db")
     try:
-        if next(client.scan_iter("loopchat:*", count=1000), None) is not None:
-            raise CLIError(f"--redis-url {redis_url} already holds loopchat keys; use an empty db")
         yield redis_url
     finally:
         keys = list(client.scan_iter("loopchat:*", count=1000))

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(feedback.router)
+    app.include_router(openai.unknown_v1)  # after every /v1 router: OpenAI-shaped 404/405
     from ui.ops import mount_ops  # gradio: imported only when an app is built
 
     mount_ops(app)  # before any page mounted at "/", which would shadow /ops

@@ -54,7 +54,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "settings"
-        raise CLIError(f"{name} (LOOPCHAT_{name.upper()} or --{name}): {first['msg']}") from None
+        where = f"--{name} / " if name in flags else ""
+        raise CLIError(f"{name} ({where}LOOPCHAT_{name.upper()}): {first['msg']}") from None
 
 
 def bind(host: str, port: int) -> socket.socket:

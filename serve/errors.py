@@ -40,15 +40,25 @@ def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> J
 
 
 def field_path(loc: tuple[int | str, ...]) -> str | None:
-    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"`` (OpenAI's param style)."""
+    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"`` (OpenAI's param style).
+
+    Parts naming a member of a union type (``str``, ``list[str]``) are not fields and are left out.
+    """
     path = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in UNION_TAGS:
+            path += f".{part}" if path else part
     return path or None
 
 
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+
+
 def validation_error(exc: RequestValidationError) -> ErrorResponse:
-    first = exc.errors()[0]
+    # a union reports one error per member; "not a string" says less than "too many items"
+    first = min(exc.errors(), key=lambda e: str(e.get("type", "")).endswith("_type"))
     if first.get("type") == "json_invalid":
         return ErrorResponse.make(
             400,

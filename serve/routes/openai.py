@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from serve.errors import APIError, error_json
 from serve.guards import require_client_key
@@ -75,3 +76,27 @@ async def get_model(model: str, request: Request) -> ModelCard:
             404, f"The model {model!r} does not exist.", param="model", code="model_not_found"
         )
     return card
+
+
+unknown_v1 = APIRouter(include_in_schema=False)
+
+
+@unknown_v1.api_route(
+    "/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], response_model=None
+)
+async def unknown_endpoint(path: str, request: Request) -> NoReturn:
+    """The rest of ``/v1`` answered in OpenAI's shape (else the page mounted at "/" would)."""
+    allowed = sorted(
+        method
+        for route in request.app.routes
+        if isinstance(route, APIRoute)
+        and route.endpoint is not unknown_endpoint
+        and route.path_regex.match(request.url.path)
+        for method in route.methods
+    )
+    if allowed:
+        raise APIError(
+            405,
+            f"{request.method} is not allowed on {request.url.path} (use {', '.join(allowed)}).",
+        )
+    raise APIError(404, f"Unknown endpoint {request.url.path}.", type="not_found_error")

@@ -1,0 +1,165 @@
+"""Bad requests get OpenAI-shaped errors naming the problem, never a 500 or a stack trace.
+
+The checks happen before the engine is involved, so one HF-engine server (with client API keys,
+a short context and a small body limit) covers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.conftest import TEST_REDIS_URL, Server, start_server
+
+KEY = "sk-test-1"
+OK = {"model": "loopchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    env = {
+        "LOOPCHAT_API_KEYS": f"{KEY}, sk-test-2",
+        "LOOPCHAT_MAX_MODEL_LEN": "64",
+        "LOOPCHAT_MAX_BODY_BYTES": "4096",
+    }
+    started = start_server(tiny_model, tmp_path_factory.mktemp("errors"), TEST_REDIS_URL, env=env)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+    assert "Traceback" not in response.text
+    for word in words:
+        assert word in body["error"]["message"], body
+    return body["error"]
+
+
+def with_(**changes: object) -> dict:
+    return {**OK, **changes}
+
+
+def test_a_valid_request_with_a_key_works(api: httpx.Client) -> None:
+    assert api.post("/chat/completions", json=OK).status_code == 200
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic sk-test-1", f"Bearer{KEY}"])
+def test_missing_or_wrong_api_key_is_401(server: Server, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    for path, send in (("/chat/completions", httpx.post), ("/models", httpx.get)):
+        kwargs = {"json": OK} if send is httpx.post else {}
+        response = send(f"{server.base_url}{path}", headers=headers, **kwargs)
+        assert assert_error(response, 401, None, "API key")["code"] == "invalid_api_key"
+
+
+def test_the_openai_client_sees_typed_errors(server: Server) -> None:
+    good = openai.OpenAI(base_url=server.base_url, api_key="sk-test-2", max_retries=0)
+    bad = openai.OpenAI(base_url=server.base_url, api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.NotFoundError) as missing:
+        good.chat.completions.create(model="gpt-4o", messages=OK["messages"])
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.UnprocessableEntityError):
+        good.chat.completions.create(model="loopchat", messages=[])
+    with pytest.raises(openai.BadRequestError) as too_long:
+        good.chat.completions.create(
+            model="loopchat", messages=[{"role": "user", "content": "hello " * 100}]
+        )
+    assert too_long.value.code == "context_length_exceeded"
+
+
+def test_invalid_json_is_400(api: httpx.Client) -> None:
+    response = api.post(
+        "/chat/completions",
+        content=b'{"model": "loopchat",',
+        headers={"content-type": "application/json"},
+    )
+    assert assert_error(response, 400, None, "not valid JSON")["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "word"),
+    [
+        ({"model": "loopchat"}, "messages", "required"),
+        (with_(messages=[]), "messages", "at least 1"),
+        (with_(messages="hi"), "messages", "list"),
+        (with_(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role", "user"),
+        (with_(messages=[{"role": "user"}]), "messages[0].content", "required"),
+        (with_(messages=[{"content": "hi"}]), "messages[0].role", "required"),
+        (with_(n=0), "n", "greater than or equal to 1"),
+        (with_(n=5), "n", "at most 4"),
+        (with_(n=2, temperature=0), "temperature", "n > 1"),
+        (with_(temperature=3), "temperature", "less than or equal to 2"),
+        (with_(top_p=0), "top_p", "greater than 0"),
+        (with_(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+        (with_(seed=-1), "seed", "greater than or equal to 0"),
+        (with_(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+        (with_(stream="yes please"), "stream", "boolean"),
+        ([OK], None, "dictionary"),
+    ],
+)
+def test_malformed_request_is_422_naming_the_field(
+    api: httpx.Client, body: object, param: str | None, word: str
+) -> None:
+    response = api.post("/chat/completions", json=body)
+    assert_error(response, 422, param, word)
+
+
+def test_unknown_model_is_404(api: httpx.Client) -> None:
+    error = assert_error(api.post("/chat/completions", json=with_(model="gpt-4o")), 404, "model")
+    assert error["code"] == "model_not_found"
+    assert_error(api.get("/models/gpt-4o"), 404, "model", "gpt-4o")
+    assert api.get("/models/loopchat").json()["id"] == "loopchat"
+
+
+def test_prompt_or_answer_longer_than_the_context_is_400(api: httpx.Client) -> None:
+    long = with_(messages=[{"role": "user", "content": "hello " * 100}])
+    error = assert_error(api.post("/chat/completions", json=long), 400, "messages", "64 tokens")
+    assert error["code"] == "context_length_exceeded"
+    response = api.post("/chat/completions", json=with_(max_tokens=60))
+    assert_error(response, 400, "max_tokens", "64 tokens", "60 completion tokens")
+    streamed = api.post("/chat/completions", json={**long, "stream": True})
+    assert_error(streamed, 400, "messages", "context length")
+
+
+def test_body_over_the_limit_is_413(api: httpx.Client) -> None:
+    big = with_(messages=[{"role": "user", "content": "x" * 5000}])
+    assert_error(api.post("/chat/completions", json=big), 413, None, "4096 bytes")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts what arrives
+        yield b'{"model": "loopchat", "messages": [{"role": "user", "content": "'
+        yield b"x" * 5000
+        yield b'"}]}'
+
+    assert_error(api.post("/chat/completions", content=chunks()), 413, None, "larger")
+
+
+def test_unknown_route_and_method_keep_the_error_shape(api: httpx.Client) -> None:
+    assert_error(api.get("/nowhere"), 404, None, "/v1/nowhere")
+    assert_error(api.get("/chat/completions"), 405, None, "POST")
+
+
+def test_failed_requests_store_nothing(api: httpx.Client) -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL, decode_responses=True)
+    before = set(client.scan_iter("loopchat:completion:*"))
+    api.post("/chat/completions", json=with_(n=9))
+    api.post("/chat/completions", json=with_(model="other"))
+    assert set(client.scan_iter("loopchat:completion:*")) == before
