@@ -183,6 +183,9 @@ def run_trl(
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before torch loads, for both trainers (TRL's child inherits it): OpenMP threads that
+    # sleep instead of spinning while they wait, or shared cores make either side crawl.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from learn.ppo import PPOConfig
     from serve.settings import Settings
 
@@ -204,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             "mini_batches": 1, "measured_steps": args.steps, "warmup_steps": 1,
             "precision": "bf16 autocast" if args.bf16 else "fp32", "kl": "fixed β 0.05",
             "ptx": "off (TRL has no PPO-ptx)", "prompts": len(prompts),
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         }  # fmt: skip
         result: dict[str, Any] = {"settings": settings, "machine": machine()}
         print(f"loopchat PPO: {args.steps + 1} steps …", file=sys.stderr)

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -34,6 +35,9 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def register(parser: argparse.ArgumentParser, command: str) -> None:
     """``loopchat train``: dispatch to the stage named first."""
+    # Before torch loads: OpenMP threads that sleep instead of spinning while they wait for
+    # each other keep training fast when the cores are shared (see learn.builtin).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     register_table(parser, STAGES, "STAGE")
 
 

@@ -361,7 +361,7 @@ def train_causal_lm(
     started = run_started - elapsed  # elapsed counts earlier runs too (the time budget does)
     cpu_started = time.process_time()
     run_tokens = 0
-    loss = float("nan")
+    loss = history[-1]["loss"] if history else float("nan")
     while used() < 1.0:
         lr = lr_at(step, used(), config)
         for group in optimizer.param_groups:

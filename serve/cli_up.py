@@ -12,6 +12,7 @@ down, then stops the worker.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -72,6 +73,21 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def check_redis(url: str) -> None:
+    """Fail with one line, not a traceback from the app's startup, when Redis is unreachable."""
+    import redis
+
+    from serve.store import sync_client
+
+    client = sync_client(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise CLIError(f"cannot reach Redis at {url}: {exc}") from None
+    finally:
+        client.close()
+
+
 def start_worker() -> subprocess.Popen:
     """``loopchat worker`` as a child process with this process's environment (and Redis)."""
     return subprocess.Popen([sys.executable, "-m", "serve.cli", "worker"], env=os.environ.copy())
@@ -90,6 +106,7 @@ def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     sock = bind(settings.host, settings.port)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     import uvicorn
 
     from serve.app import create_app
@@ -97,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    resolve_redis_url(settings)  # exported to the environment the worker inherits
+    check_redis(resolve_redis_url(settings))  # exported to the environment the worker inherits
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -108,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         create_app(settings), log_level="info", timeout_graceful_shutdown=60, lifespan="on"
     )
-    # uvicorn re-raises the signal that stopped it; a SIGTERM then ends us cleanly, like SIGINT
+    # uvicorn re-raises the signal that stopped it: SIGTERM then exits 0 through the finally below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker = start_worker() if settings.worker else None
     server = Server(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serve.settings import Settings
+
+log = logging.getLogger("loopchat.serve")
 
 
 class EngineRequestError(ValueError):
@@ -100,6 +103,7 @@ class Engine(ABC):
     """A text generator over one checkpoint at a time, swappable while it serves."""
 
     name: str
+    drain_seconds: float = 30.0
 
     def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
         self.model_dir = str(model_dir)
@@ -161,11 +165,20 @@ class Engine(ABC):
                 self._admitted.leave()
 
     async def swap(self, model_dir: str | Path, version: str) -> None:
-        """Serve ``model_dir`` as ``version`` from now on; in-flight requests finish first."""
+        """Serve ``model_dir`` as ``version`` from now on; in-flight requests finish first.
+
+        The tokenizer stays: the versions one deployment swaps between share it. Requests still
+        open after ``drain_seconds`` are clients reading slowly; their tokens were generated
+        (vLLM pauses in "wait" mode) or are generated (HF keeps its model object) by the old
+        weights, so their version tags stay true and the swap goes ahead.
+        """
         async with self._swap_lock:
             self._open.clear()
             try:
-                await self._admitted.idle.wait()
+                try:
+                    await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
+                except TimeoutError:
+                    log.warning("swapping with %d slow readers still open", self._admitted.active)
                 await self._reload(str(model_dir))
                 self.model_dir, self.version = str(model_dir), version
             finally:

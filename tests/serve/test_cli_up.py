@@ -40,10 +40,11 @@ def test_up_without_redis_url_uses_embedded_redis_starts_the_worker_and_stops_cl
 
         reply = httpx.post(f"{server.base_url}/chat/completions", json=QUESTION, timeout=60)
         assert reply.status_code == 200, reply.text
-        store = redis.Redis.from_url(redis_url, decode_responses=True)
-        saved = Completion.from_json(store.get(key("completion", reply.json()["id"])))
+        with redis.Redis.from_url(redis_url, decode_responses=True) as store:
+            saved = Completion.from_json(store.get(key("completion", reply.json()["id"])))
         assert saved.messages == QUESTION["messages"]
         assert any("aof" in p.name for p in (data_dir / "redis").rglob("*"))
+        [embedded] = [p for p in psutil.process_iter() if redis_server_in(p, data_dir / "redis")]
 
         in_flight: dict[str, httpx.Response] = {}
         slow = {**QUESTION, "n": 4, "max_tokens": 300, "temperature": 1.0}
@@ -62,8 +63,16 @@ def test_up_without_redis_url_uses_embedded_redis_starts_the_worker_and_stops_cl
         assert in_flight["reply"].status_code == 200
         assert len(in_flight["reply"].json()["choices"]) == 4
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+        embedded.wait(30)  # the embedded redis-server stops with its last client
     finally:
         server.stop()
+
+
+def redis_server_in(process: psutil.Process, directory: Path) -> bool:
+    try:
+        return "redis-server" in process.name() and process.cwd() == str(directory)
+    except psutil.Error:
+        return False
 
 
 def up(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -83,6 +92,7 @@ def up(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
         (["--port", "70000"], {}, "port"),
         (["--engine", "tpu"], {}, "invalid choice"),
         ([], {"LOOPCHAT_MAX_N": "many"}, "LOOPCHAT_MAX_N"),
+        ([], {"LOOPCHAT_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
     ],
 )
 def test_bad_flags_or_settings_fail_with_one_line_and_status_2(
