@@ -535,7 +535,10 @@ def train_ppo(
         if config.adaptive_kl
         else rlhf.FixedKLController(config.kl_coef)
     )
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    # fused: one kernel for all parameters (what transformers' Trainer, so TRL, uses too)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=config.learning_rate, eps=1e-5, fused=True
+    )
     generator = torch.Generator().manual_seed(config.seed)
     batches = prompt_batches(len(prompt_ids), config.batch_size, random.Random(config.seed))
     sampler = (
