@@ -4,7 +4,9 @@ Both trainers run the same PPO step on the same models and prompts in the same c
 ~30M-parameter Llama (the ``bench`` preset, random weights: speed does not depend on what the
 weights say, and an untrained model answers the full 64 tokens), batch 8, 64-token answers,
 4 PPO epochs on one minibatch, fixed β, fp32 unless ``--bf16``, no PPO-ptx (TRL has none).
-The first step of each is a warm-up and is not counted.
+The first step of each run is a warm-up and is not counted; with ``--rounds N`` each trainer
+runs N times, alternating (loopchat, TRL, TRL, loopchat, …), so a change in the machine's load
+(other jobs on shared cores) hits both sides alike, and every run's rate and load are recorded.
 
 Where the time goes is reported per step: generation, the no-gradient forwards (policy, value,
 reference, reward model) and the PPO epochs ("backward": their forwards, backwards and
@@ -29,6 +31,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trl-venv", default=None,
         help=f"Virtual env for TRL (default: <data dir>/bench/trl-{TRL_VERSION}).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="Runs of each trainer, alternating (ABBA…), so load changes hit both alike (1).",
     )  # fmt: skip
 
 
@@ -94,23 +101,16 @@ def bench_prompts() -> list[list[dict[str, str]]]:
 
 def run_loopchat(
     policy: Path, reward: Path, prompts: list, config: Any, work: Path
-) -> dict[str, Any]:
-    """``train_ppo`` itself, timed per phase by its own step log."""
+) -> list[dict[str, float]]:
+    """``train_ppo`` itself; its step log has the time of every phase. Returns measured steps."""
     from learn.ppo import train_ppo
 
-    load = os.getloadavg()[0]
     metrics = train_ppo(policy, policy, reward, prompts, None, work / "out-loopchat", config)
-    measured = metrics["history"][1:]
-    phases = {p: _mean([s[f"time_{p}"] for s in measured]) for p in PHASES}
-    step_s = sum(phases.values())
-    return {
-        "episodes_per_s": config.batch_size / step_s,
-        "step_s": step_s,
-        "phases_s": phases,
-        "response_length_mean": _mean([s["response_length"] for s in measured]),
-        "setup_s": metrics["time"]["setup"],
-        "load_average_1m_at_start": round(load, 2),
-    }
+    steps = []
+    for step in metrics["history"][1:]:
+        phases = {p: step[f"time_{p}"] for p in PHASES}
+        steps.append({**phases, "total": sum(phases.values())})
+    return steps
 
 
 # --- TRL's side ----------------------------------------------------------------------------------
@@ -138,14 +138,13 @@ def trl_python(venv: Path) -> Path:
 
 
 def run_trl(
-    venv: Path, policy: Path, reward: Path, prompts: list, config: Any, work: Path
-) -> dict[str, Any]:
+    python: Path, policy: Path, reward: Path, prompts: list, config: Any, work: Path
+) -> list[dict[str, float]]:
     """TRL's PPOTrainer in its venv (``learn/bench_ppo_trl.py``), same models and settings."""
     from transformers import AutoTokenizer
 
     from learn.ppo import encode_prompt
 
-    python = trl_python(venv)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
     spec = {
@@ -157,7 +156,6 @@ def run_trl(
     }  # fmt: skip
     spec_path, result_path = work / "trl-spec.json", work / "trl-result.json"
     spec_path.write_text(json.dumps(spec))
-    load = os.getloadavg()[0]
     script = Path(__file__).with_name("bench_ppo_trl.py")
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     done = subprocess.run(
@@ -166,17 +164,24 @@ def run_trl(
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"TRL's PPOTrainer failed: {done.stderr.strip()[-1500:]}")
-    result = json.loads(result_path.read_text())
-    measured = result["steps"][1:]
-    phases = {p: _mean([s[p] for s in measured]) for p in ("generation", "forwards", "backward")}
-    step_s = _mean([s["total"] for s in measured])
+    return json.loads(result_path.read_text())["steps"][1:]
+
+
+def side_result(runs: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """Episodes/s and mean seconds per phase over every measured step of every run."""
+    steps = [step for run in runs for step in run["steps"]]
+    step_s = _mean([s["total"] for s in steps])
+    phases = {p: _mean([s[p] for s in steps]) for p in PHASES if p in steps[0]}
     return {
-        "episodes_per_s": config.batch_size / step_s,
+        "episodes_per_s": batch_size / step_s,
         "step_s": step_s,
         "phases_s": phases,
-        "trl_version": result["trl_version"],
-        "load_average_1m_at_start": round(load, 2),
-    }
+        "runs": [
+            {"episodes_per_s": batch_size / _mean([s["total"] for s in r["steps"]]),
+             "load_average_1m_at_start": r["load"]}
+            for r in runs
+        ],
+    }  # fmt: skip
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -189,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
     from learn.ppo import PPOConfig
     from serve.settings import Settings
 
-    if min(args.steps, args.batch_size, args.response_length, args.ppo_epochs) < 1:
-        raise CLIError("--steps, --batch-size, --response-length and --ppo-epochs must be >= 1")
+    if min(args.steps, args.batch_size, args.response_length, args.ppo_epochs, args.rounds) < 1:
+        raise CLIError(
+            "--steps, --batch-size, --response-length, --ppo-epochs and --rounds must be >= 1"
+        )
     config = PPOConfig(
         steps=args.steps + 1, batch_size=args.batch_size, mini_batch_size=args.batch_size,
         ppo_epochs=args.ppo_epochs, response_length=args.response_length, temperature=1.0,
@@ -205,21 +212,35 @@ def run(args: argparse.Namespace) -> int:
             "preset": args.preset, "parameters": n_params, "batch_size": args.batch_size,
             "response_length": args.response_length, "ppo_epochs": args.ppo_epochs,
             "mini_batches": 1, "measured_steps": args.steps, "warmup_steps": 1,
-            "precision": "bf16 autocast" if args.bf16 else "fp32", "kl": "fixed β 0.05",
-            "ptx": "off (TRL has no PPO-ptx)", "prompts": len(prompts),
+            "rounds": args.rounds, "precision": "bf16 autocast" if args.bf16 else "fp32",
+            "kl": "fixed β 0.05", "ptx": "off (TRL has no PPO-ptx)", "prompts": len(prompts),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         }  # fmt: skip
         result: dict[str, Any] = {"settings": settings, "machine": machine()}
-        print(f"loopchat PPO: {args.steps + 1} steps …", file=sys.stderr)
-        result["loopchat"] = run_loopchat(policy, reward, prompts, config, work)
+        sides = {"loopchat": partial(run_loopchat, policy, reward, prompts, config, work)}
+        result["trl"] = {"error": "not run (pass --trl)"}
         if args.trl:
-            print(f"TRL {TRL_VERSION} PPOTrainer: {args.steps + 1} steps …", file=sys.stderr)
             try:
-                result["trl"] = run_trl(venv, policy, reward, prompts, config, work)
+                python = trl_python(venv)
+                sides["trl"] = partial(run_trl, python, policy, reward, prompts, config, work)
             except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
                 result["trl"] = {"error": str(exc)}
-        else:
-            result["trl"] = {"error": "not run (pass --trl)"}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+        for round_ in range(args.rounds):  # ABBA…: a load change hits both sides alike
+            for name in list(sides) if round_ % 2 == 0 else reversed(list(sides)):
+                print(f"round {round_ + 1}: {name}, {config.steps} PPO steps …", file=sys.stderr)
+                load = round(os.getloadavg()[0], 2)
+                try:
+                    runs[name].append({"steps": sides[name](), "load": load})
+                except RuntimeError as exc:
+                    if name == "loopchat":
+                        raise
+                    result[name] = {"error": str(exc)}  # say why, keep loopchat's numbers
+                    del sides[name]
+        for name in sides:
+            result[name] = side_result(runs[name], args.batch_size)
+        if "trl" in sides:
+            result["trl"]["version"] = TRL_VERSION
     ours, trl = result["loopchat"], result["trl"]
     if "episodes_per_s" in trl:
         result["speedup"] = ours["episodes_per_s"] / trl["episodes_per_s"]
