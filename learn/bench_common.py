@@ -167,8 +167,9 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 @contextmanager
 def bench_redis(redis_url: str | None, work: Path) -> Iterator[str]:
-    """The Redis a benchmark runs against: ``redis_url`` if it holds no loopchat keys (they are
-    deleted again afterwards, so the database is left as found), else a private embedded one."""
+    """The Redis a benchmark runs against: a private embedded redis-server, or ``redis_url`` if
+    it holds no loopchat keys. A given database is left as found: every key that appeared
+    during the run (loopchat's and the Celery queue's) is deleted afterwards."""
     from serve.store import start_embedded, sync_client
 
     if redis_url is None:
@@ -185,12 +186,13 @@ def bench_redis(redis_url: str | None, work: Path) -> Iterator[str]:
     if next(client.scan_iter("loopchat:*", count=1000), None) is not None:
         client.close()
         raise CLIError(f"--redis-url {redis_url} already holds loopchat keys; use an empty db")
+    before = set(client.scan_iter(count=1000))
     try:
         yield redis_url
     finally:
-        keys = list(client.scan_iter("loopchat:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+        created = [k for k in client.scan_iter(count=1000) if k not in before]
+        for start in range(0, len(created), 1000):
+            client.delete(*created[start : start + 1000])
         client.close()
 
 

@@ -488,11 +488,11 @@ PREFERENCES: dict[str, Callable[[list[dict], str], float]] = {
 # How often each fresh task starts an exchange: arithmetic-heavy, since it is what the small
 # model finds hardest and what the follow-ups build on.
 FORM_WEIGHTS = {
-    "add": 26, "sub": 14, "diff": 3, "mul": 8, "capital": 7, "colour": 4, "sound": 4,
-    "spell": 5, "count": 4, "count_letter": 2, "describe": 3, "identity": 1,
+    "add": 36, "sub": 20, "diff": 3, "mul": 10, "capital": 5, "colour": 3, "sound": 3,
+    "spell": 2, "count": 3, "count_letter": 1, "describe": 2, "identity": 1,
 }  # fmt: skip
-FOLLOWUP_PROBABILITY = {"arith": 0.4, "fact": 0.3, "word": 0.25}
-STYLE_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
+FOLLOWUP_PROBABILITY = {"arith": 0.5, "fact": 0.3, "word": 0.25}
+STYLE_WEIGHTS = (0.3, 0.35, 0.25, 0.1)
 
 
 def reply(q: Question, style: str, rng: random.Random) -> str:
