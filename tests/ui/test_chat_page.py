@@ -16,16 +16,10 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serve.feedback import FeedbackLog
 from serve.store import sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
+from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow  # starts real processes
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 ANSWER_TIMEOUT = 90_000  # ms: answers from a tiny model on a shared CPU
 
 
@@ -41,7 +35,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS
         )
         yield chromium
         chromium.close()

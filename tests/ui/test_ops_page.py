@@ -15,15 +15,9 @@ from playwright.sync_api import Page, expect, sync_playwright
 from serve.registry import Registry
 from serve.store import key, sync_client
 from tests.conftest import Server, start_server
+from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
 
 TOKEN = "ops-page-token"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 
 
 @pytest.fixture
@@ -37,7 +31,7 @@ def server(tiny_model: Path, tmp_path: Path, redis_url: str) -> Iterator[Server]
 def page() -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS
         )
         yield browser.new_page()
         browser.close()
