@@ -195,7 +195,7 @@ def _round_row(record: dict[str, Any], last_ranking_at: float | None, posted: in
         "gate_reason": gate.get("reason"),
         "kl_to_sft": (record.get("ppo") or {}).get("kl"),
         "kl_to_live": gate.get("kl"),
-        "kl_budget": gate.get("kl_budget"),
+        "gate_kl_budget": gate.get("kl_budget"),
         "rm_heldout_accuracy": (record.get("rm") or {}).get("heldout_accuracy"),
         "timings": record.get("timings"),
         "last_ranking_to_round_end_s": (
@@ -211,14 +211,15 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def _verdict(measured: dict[str, Any]) -> dict[str, Any]:
+def _verdict(measured: dict[str, Any], kl_budget: float) -> dict[str, Any]:
+    """The targets, measured; ``kl_budget`` is PPO's KL-to-SFT target (nats per answer)."""
     curve, rounds = measured["curve"], measured["rounds"]
     start = curve[0]["rate"]
     within = [p for p in curve if p["rankings"] <= TARGET_WITHIN]
     best = max(within, key=lambda p: p["rate"])
     live_times = [r["last_ranking_to_live_s"] for r in rounds if r["last_ranking_to_live_s"]]
-    kl = [(r["kl_to_sft"], r["kl_budget"]) for r in rounds if r["promoted"]]
-    kl_ok = all(k is not None and b is not None and k <= b for k, b in kl)
+    kl = [r["kl_to_sft"] for r in rounds if r["promoted"]]
+    kl_ok = all(k is not None and k <= kl_budget for k in kl)
     return {
         "start_rate": start,
         "best_rate_within_1000": best["rate"],
@@ -230,7 +231,8 @@ def _verdict(measured: dict[str, Any]) -> dict[str, Any]:
             "max": max(live_times, default=None),
             "median": percentile(live_times, 50),
         },
-        "kl_to_sft_within_budget": kl_ok if kl else None,
+        "kl_to_sft_budget": kl_budget,
+        "kl_to_sft_max_promoted": max(kl, default=None),
         "targets": {
             "live_within_120s": bool(live_times) and max(live_times) <= TARGET_LIVE_S,
             "gain_20_points_within_1000": best["rate"] - start >= TARGET_GAIN,
@@ -249,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
         loop_config = json.loads(args.loop_config) if args.loop_config else None
     except (ValueError, json.JSONDecodeError) as exc:
         raise CLIError(str(exc)) from None
+    from learn.loop import LoopConfig  # what the worker will run: defaults + these overrides
+
+    try:
+        kl_budget = LoopConfig().with_overrides(loop_config or {}).ppo.kl_target
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--loop-config: {exc}") from None
     deadline = Deadline(args.max_minutes)
     model = model_dir(args.model)
     env = {
@@ -272,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         "preference": args.preference,
         "loop_config": loop_config,
         "wall_minutes": (time.time() - started) / 60,
-        **_verdict(measured),
+        **_verdict(measured, kl_budget),
         **measured,
     }
     path = write_result(args.out, NAME, result)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 # Bump when the corpus, tokenizer or trainers change what the built-in model learns: installs
 # then train the new model instead of reusing the cached one.
-BUILTIN_VERSION = 2
+BUILTIN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ RECIPES: dict[str, Recipe] = {
     "small": Recipe(
         preset="small",
         pretrain_steps=40,
-        sft_steps=600,
+        sft_steps=1000,
         pretrain_docs=4000,
-        sft_conversations=45000,
+        sft_conversations=70000,
     ),
     # Seconds: lets tests exercise the bare `loopchat up` path (LOOPCHAT_BUILTIN_RECIPE=test).
     "test": Recipe(

@@ -153,26 +153,26 @@ POLITE_CLOSINGS = ("", " I hope that helps!", " Let me know if you need anything
 REPLIES: dict[str, dict[str, tuple[str, ...]]] = {
     "add": {
         "brief": ("{v}",),
-        "plain": ("{a} + {b} = {v}.", "{a} plus {b} is {v}.", "The sum is {v}."),
+        "plain": ("{a} + {b} = {work}{v}.",),
         "verbose": ("To add {a} and {b}, start at {a} and count up by {b}. The result is {v}.",
                     "Adding {b} to {a} gives a total of {v}. So {a} + {b} = {v}."),
     },
     "sub": {
         "brief": ("{v}",),
-        "plain": ("{a} - {b} = {v}.", "{a} minus {b} is {v}.", "The result is {v}."),
+        "plain": ("{a} - {b} = {work}{v}.",),
         "verbose": ("To subtract {b} from {a}, start at {a} and count down by {b}. "
                     "The result is {v}.",
                     "Taking {b} away from {a} leaves {v}. So {a} - {b} = {v}."),
     },
     "diff": {
         "brief": ("{v}",),
-        "plain": ("The difference between {a} and {b} is {v}.", "They are {v} apart."),
+        "plain": ("{hi} - {lo} = {work}{v}.",),
         "verbose": ("The difference is the larger number minus the smaller one, "
                     "so the difference between {a} and {b} is {v}.",),
     },
     "mul": {
         "brief": ("{v}",),
-        "plain": ("{a} * {b} = {v}.", "{a} times {b} is {v}.", "The product is {v}."),
+        "plain": ("{a} * {b} = {work}{v}.",),
         "verbose": ("Multiplying {a} by {b} means adding {a} to itself {b} times. "
                     "The result is {v}.",
                     "{a} groups of {b} make {v} in total. So {a} * {b} = {v}."),
@@ -275,12 +275,37 @@ def spelled(word: str) -> str:
     return "-".join(word.lower())
 
 
-def _arith(form: str, a: int, b: int, task: str) -> Question:
-    """A sum, difference or product. Its key is the operation and operands, whether it is asked
-    fresh or as a follow-up, so a held-out sum never appears in training in any form."""
+def worked(form: str, a: int, b: int) -> str:
+    """The intermediate step a plain answer shows before the result ("" when there is none).
+
+    One step splits a two-digit problem into one-digit ones: 47 + 38 = 70 + 15 = 85,
+    83 - 47 = 43 - 7 = 36, 37 * 3 = 90 + 21 = 111. Written out, each token the model must
+    produce needs one small operation, which a ~1M-parameter model learns in minutes where
+    answering 85 at once (carries and all) it mostly did not: the way chat models show work.
+    """
+    if form == "add" and a >= 10 and b >= 10:
+        return f"{a - a % 10 + b - b % 10} + {a % 10 + b % 10} = "
+    if form in ("sub", "diff"):
+        hi, lo = max(a, b), min(a, b)
+        if lo >= 10 and lo % 10:
+            return f"{hi - (lo - lo % 10)} - {lo % 10} = "
+    if form == "mul" and a > 12 and b < 10:
+        return f"{(a - a % 10) * b} + {a % 10 * b} = "
+    return ""
+
+
+def _arith(form: str, a: int, b: int, task: str, phrasing: int | None = None) -> Question:
+    """A sum, difference or product. A sum's or difference's key is the operation and operands,
+    whether asked fresh or as a follow-up, so a held-out sum never appears in training in any
+    form. A fresh product is from the 0-12 times table, which is recalled, not worked out: like
+    a fact it is held out by phrasing and operands (``phrasing`` given)."""
     value = {"add": a + b, "sub": a - b, "diff": abs(a - b), "mul": a * b}[form]
-    key = ("sub" if form == "diff" else form, a, b)
-    return Question(task, form, str(value), {"a": str(a), "b": str(b), "v": str(value)}, key)
+    key: tuple = ("sub" if form == "diff" else form, a, b)
+    if form == "mul" and phrasing is not None:
+        key = ("mul", phrasing, a, b)
+    fields = {"a": str(a), "b": str(b), "v": str(value), "hi": str(max(a, b)),
+              "lo": str(min(a, b)), "work": worked(form, a, b)}  # fmt: skip
+    return Question(task, form, str(value), fields, key)
 
 
 def _fact(form: str, entity: str, task: str, key: tuple) -> Question:
@@ -313,7 +338,8 @@ WORD_FORMS = ("spell", "count", "count_letter")
 def _fresh(form: str, slots: dict[str, str], phrasing: int) -> Question:
     """The question a fresh (non follow-up) user turn asks."""
     if form in ARITH_FORMS:
-        return _arith(form, int(slots["a"]), int(slots["b"]), "sub" if form == "diff" else form)
+        task = "sub" if form == "diff" else form
+        return _arith(form, int(slots["a"]), int(slots["b"]), task, phrasing)
     if form in FACT_TABLES:
         return _fact(form, slots["x"], "fact", (form, phrasing, slots["x"].lower()))
     if form in WORD_FORMS:
@@ -488,7 +514,7 @@ PREFERENCES: dict[str, Callable[[list[dict], str], float]] = {
 # How often each fresh task starts an exchange: arithmetic-heavy, since it is what the small
 # model finds hardest and what the follow-ups build on.
 FORM_WEIGHTS = {
-    "add": 36, "sub": 20, "diff": 3, "mul": 10, "capital": 5, "colour": 3, "sound": 3,
+    "add": 36, "sub": 16, "diff": 7, "mul": 10, "capital": 5, "colour": 3, "sound": 3,
     "spell": 2, "count": 3, "count_letter": 1, "describe": 2, "identity": 1,
 }  # fmt: skip
 FOLLOWUP_PROBABILITY = {"arith": 0.5, "fact": 0.3, "word": 0.25}
