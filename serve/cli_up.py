@@ -123,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"loopchat: serving on {url}  (OpenAI base URL {url}/v1)", flush=True)
 
     config = uvicorn.Config(
-        create_app(settings), log_level="info", timeout_graceful_shutdown=60, lifespan="on"
+        create_app(settings),
+        log_level="info",
+        timeout_graceful_shutdown=60,
+        lifespan="on",
+        access_log=settings.access_log,
     )
     # uvicorn re-raises the signal that stopped it: SIGTERM then exits 0 through the finally below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -25,10 +25,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from serve.loop_trigger import on_ranking_stored
+from serve.loop_trigger import LoopTrigger
 from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
-from serve.store import CompletionStore, key
+from serve.store import Completion, completion_key, key
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +105,16 @@ class FeedbackService:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.client = client
         self.settings = settings
-        self.completions = CompletionStore(client, settings.completion_ttl)
         self._store_once = client.register_script(_STORE_ONCE)
+        self.trigger = LoopTrigger(client, settings)
 
-    async def _over_rate(self, subject: str) -> bool:
-        """Log one post by ``subject``; True when it made more than the limit in the last minute.
+    async def _admit(self, subject: str, completion_id: str) -> tuple[bool, Completion | None]:
+        """Log one post by ``subject`` and fetch the completion it ranks, in one round trip.
 
-        A sliding window (a sorted set of post times), so no burst of twice the limit fits
-        across a minute boundary. Refused posts count too: hammering keeps a client refused.
+        Returns whether ``subject`` made more than the limit in the last minute, and the stored
+        completion (None if missing or expired). The limit is a sliding window (a sorted set of
+        post times), so no burst of twice the limit fits across a minute boundary; refused
+        posts count too, so hammering keeps a client refused.
         """
         now = time.time()
         window = key("ratelimit", "feedback", subject)
@@ -121,8 +123,9 @@ class FeedbackService:
             pipe.zadd(window, {uuid.uuid4().hex: now})
             pipe.zcard(window)
             pipe.expire(window, 60)
-            *_, count, _ = await pipe.execute()
-        return count > self.settings.feedback_rate
+            pipe.get(completion_key(completion_id))
+            *_, count, _, raw = await pipe.execute()
+        return count > self.settings.feedback_rate, Completion.from_json(raw) if raw else None
 
     async def submit(
         self, request: FeedbackRequest, api_key: str | None, client_address: str | None
@@ -133,7 +136,8 @@ class FeedbackService:
         for the user in the rate limit when the request names none.
         """
         subject = request.user or f"addr:{client_address or 'unknown'}"
-        if await self._over_rate(subject):
+        over_rate, completion = await self._admit(subject, request.completion_id)
+        if over_rate:
             return _error(
                 429,
                 f"more than {self.settings.feedback_rate} rankings per minute from this user; "
@@ -149,7 +153,6 @@ class FeedbackService:
                 "comment",
                 "comment_too_long",
             )
-        completion = await self.completions.get(request.completion_id)
         if completion is None or (self.settings.api_keys and completion.api_key != api_key):
             # Someone else's completion is reported as missing, so ids cannot be probed.
             return _error(
@@ -189,7 +192,7 @@ class FeedbackService:
                 "already_ranked",
             )
         try:
-            await on_ranking_stored(self.client, self.settings)
+            await self.trigger.ranking_stored()
         except Exception:  # the ranking is stored; a missed trigger is retried by the next one
             logger.exception("loop trigger failed after storing ranking %s", event["id"])
         return FeedbackResponse(id=event["id"], pairs=count_pairs(groups))

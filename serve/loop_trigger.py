@@ -2,7 +2,7 @@
 
 The API never imports training code: it sends the Celery task ``learn.tasks.run_round`` *by
 name* to the ``learn`` queue on the same Redis the store uses, and a worker (``loopchat
-worker``) runs it. Any number of API replicas may call :func:`on_ranking_stored` at once: the
+worker``) runs it. Any number of API replicas may count at once (:class:`LoopTrigger`): the
 counter ``loopchat:loop:since_round`` is incremented and, when it reaches ``round_every``,
 decreased by ``round_every`` in the same server-side script, so exactly one caller per
 ``round_every`` rankings sends the task (no double rounds, no lost counts).
@@ -74,19 +74,31 @@ def send_round(redis_url: str, **kwargs: object) -> str:
     return str(result.id)
 
 
-async def on_ranking_stored(aclient: aioredis.Redis, settings: Settings) -> None:
-    """Count one stored ranking; every ``settings.round_every`` of them, queue a round.
+class LoopTrigger:
+    """Counts stored rankings for one API process; every ``settings.round_every``, queues a round.
 
-    Sending runs in a thread (kombu is blocking). If it fails the count is given back, so the
-    next ranking tries again; the ranking itself is already stored and is never lost.
+    Holds the counting script registered on the process's client, so each ranking costs one
+    EVALSHA rather than sending the script's text again.
     """
-    due = await aclient.eval(_COUNT_AND_CLAIM, 1, COUNTER, settings.round_every)
-    if not due:
-        return
-    try:
-        task_id = await asyncio.to_thread(send_round, resolve_redis_url(settings))
-    except Exception:
-        await aclient.incrby(COUNTER, settings.round_every)
-        log.exception("could not queue a learning round; will retry on the next ranking")
-        return
-    log.info("queued learning round %s after %d rankings", task_id, settings.round_every)
+
+    def __init__(self, aclient: aioredis.Redis, settings: Settings) -> None:
+        self.client = aclient
+        self.settings = settings
+        self._count_and_claim = aclient.register_script(_COUNT_AND_CLAIM)
+
+    async def ranking_stored(self) -> None:
+        """Count one stored ranking, and queue a round when it completes a batch.
+
+        Sending runs in a thread (kombu is blocking). If it fails the count is given back, so
+        the next ranking tries again; the ranking itself is already stored and is never lost.
+        """
+        every = self.settings.round_every
+        if not await self._count_and_claim(keys=[COUNTER], args=[every]):
+            return
+        try:
+            task_id = await asyncio.to_thread(send_round, resolve_redis_url(self.settings))
+        except Exception:
+            await self.client.incrby(COUNTER, every)
+            log.exception("could not queue a learning round; will retry on the next ranking")
+            return
+        log.info("queued learning round %s after %d rankings", task_id, every)

@@ -92,6 +92,11 @@ class Completion:
         return cls(**json.loads(raw))
 
 
+def completion_key(completion_id: str) -> str:
+    """The Redis key of a stored completion (the feedback route reads it in its own pipeline)."""
+    return key("completion", completion_id)
+
+
 class CompletionStore:
     """Completions by id with a TTL, so feedback can name them for a while and no longer."""
 
@@ -100,8 +105,8 @@ class CompletionStore:
         self.ttl = ttl_seconds
 
     async def save(self, completion: Completion) -> None:
-        await self.client.set(key("completion", completion.id), completion.to_json(), ex=self.ttl)
+        await self.client.set(completion_key(completion.id), completion.to_json(), ex=self.ttl)
 
     async def get(self, completion_id: str) -> Completion | None:
-        raw = await self.client.get(key("completion", completion_id))
+        raw = await self.client.get(completion_key(completion_id))
         return Completion.from_json(raw) if raw else None

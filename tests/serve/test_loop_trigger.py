@@ -7,7 +7,7 @@ import json
 
 import redis
 
-from serve.loop_trigger import COUNTER, QUEUE, ROUND_TASK, celery_url, on_ranking_stored
+from serve.loop_trigger import COUNTER, QUEUE, ROUND_TASK, LoopTrigger, celery_url
 from serve.settings import Settings
 from serve.store import async_client
 
@@ -23,7 +23,8 @@ def test_concurrent_replicas_queue_one_round_per_round_every_rankings(redis_url:
 
     async def replicas() -> None:
         clients = [async_client(redis_url) for _ in range(4)]  # four API processes
-        await asyncio.gather(*(on_ranking_stored(clients[i % 4], settings) for i in range(17)))
+        triggers = [LoopTrigger(client, settings) for client in clients]
+        await asyncio.gather(*(triggers[i % 4].ranking_stored() for i in range(17)))
         for client in clients:
             await client.aclose()
 
