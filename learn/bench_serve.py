@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=4, help="Candidates per request (4).")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request.")
     parser.add_argument(
-        "--requests", type=int, default=4, help="Requests per client at each level (4)."
+        "--requests", type=int, default=16, help="Requests per client at each level (16)."
     )
     parser.add_argument(
         "--seconds", type=float, default=90, help="Time budget of one level (90 s)."
