@@ -5,6 +5,7 @@ The rankings made in the browser are looked up where the learner reads them: the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def shown_answers(page: Page, k: int) -> list[str]:
     return [page.locator(f"#cand-{i} textarea").input_value() for i in range(k)]
 
 
+def shown_in_chat(text: str) -> re.Pattern[str]:
+    """A pattern the chat's rendering of ``text`` matches: its first letters and digits in order.
+
+    The test model's answers are random bytes; rendered as Markdown, their control characters,
+    spaces and markup vanish or change, but the letters and digits stay, in order.
+    """
+    kept = re.sub(r"[^0-9A-Za-z]", "", text)[:12]
+    return re.compile(r"[^0-9A-Za-z]*".join(re.escape(c) for c in kept))
+
+
 def as_shown(text: str) -> str:
     """What a textarea displays of ``text`` (browsers normalise line breaks to ``\\n``)."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -92,8 +103,8 @@ def test_ranking_three_answers_stores_that_order_and_the_best_continues(page: Pa
     expect(page.locator("#version")).to_contain_text(event["version"])
     expect(page.locator("#submit-ranking")).to_be_hidden()
     expect(page.locator("#message textarea")).to_be_editable()
-    if answers[2].strip():  # the chosen answer is now the assistant's turn in the chat
-        expect(page.locator("#chat")).to_contain_text(answers[2].strip()[:20])
+    if re.search(r"[0-9A-Za-z]", answers[2]):  # the chosen answer is now the assistant's turn
+        expect(page.locator("#chat")).to_contain_text(shown_in_chat(answers[2]))
 
 
 def test_keyboard_thumbs_ties_and_multi_turn_then_new_chat(page: Page) -> None:
