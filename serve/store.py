@@ -106,7 +106,3 @@ class CompletionStore:
 
     async def save(self, completion: Completion) -> None:
         await self.client.set(completion_key(completion.id), completion.to_json(), ex=self.ttl)
-
-    async def get(self, completion_id: str) -> Completion | None:
-        raw = await self.client.get(completion_key(completion_id))
-        return Completion.from_json(raw) if raw else None
