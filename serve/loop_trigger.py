@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -59,13 +60,19 @@ def celery_url(redis_url: str) -> str:
     return f"redis+socket://{parts.netloc}{parts.path}{query}"
 
 
+# Celery's package loads its attributes lazily, and a first ``from celery import Celery`` in
+# several threads at once can fail with an ImportError (rounds are sent from worker threads).
+_CELERY_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=4)
 def celery_client(redis_url: str) -> Celery:
     """A Celery app that only sends tasks (one per Redis URL, reused across requests)."""
-    from celery import Celery
+    with _CELERY_LOCK:
+        from celery import Celery
 
-    url = celery_url(redis_url)
-    return Celery("loopchat-api", broker=url, backend=url, set_as_current=False)
+        url = celery_url(redis_url)
+        return Celery("loopchat-api", broker=url, backend=url, set_as_current=False)
 
 
 def send_round(redis_url: str, **kwargs: object) -> str:
