@@ -161,6 +161,14 @@ class Rollout:
     def to(self, device: torch.device) -> Rollout:
         return Rollout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
+    def answer_mask(self) -> torch.Tensor:
+        """(B, L) bool: where the answer's tokens stand in ``input_ids`` (what the reward
+        model's likelihood term averages over)."""
+        start = self.response_index[:, :1] + 1
+        length = self.response_mask.sum(1, keepdim=True).long()
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return (positions >= start) & (positions < start + length)
+
 
 def make_rollout(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, eos_id: int
@@ -394,9 +402,10 @@ def score_rollout(
             ref, rollout.input_ids, rollout.attention_mask, config.temperature
         )
         ref_logprobs = ref_all.gather(1, rollout.response_index)
-        scores = normalize_rewards(
-            rm, last_token_rewards(rm, rollout.input_ids, rollout.attention_mask).float()
+        raw = last_token_rewards(
+            rm, rollout.input_ids, rollout.attention_mask, rollout.answer_mask()
         )
+        scores = normalize_rewards(rm, raw.float())
     penalised = scores.clone()
     if config.missing_eos_penalty is not None:
         penalised[~rollout.ended] -= config.missing_eos_penalty

@@ -6,6 +6,15 @@ end-of-turn token the chat template closes every answer with), and train on K-wi
 with −log σ(r_w − r_l) over every pair of a ranking, all pairs of one ranking in the same batch
 (so each answer is run once per ranking, and a ranking counts once in the loss).
 
+One addition: the score is ``head(h_last) + w · ℓ(y|x)``, where ℓ is the answer's mean token
+log-likelihood under the model's own (tied) unembedding, and ``w`` is one learned weight. A
+fresh scalar head needs thousands of rankings before it reads correctness off the last hidden
+state (held-out pair accuracy 0.55–0.69 from 100–500 rankings of the built-in tasks), while the
+SFT model's likelihood already tells a right answer from a wrong one on ~79% of pairs. ``w`` is
+fitted to the rankings (a convex one-parameter logistic fit at the start of every refresh, then
+trained with the rest), so the data decide how much the likelihood counts, and in which
+direction: users who prefer what the model finds unlikely get a negative ``w``.
+
 A refresh warm-starts from the previous reward model when ``init_dir`` is one, so each round
 builds on what the last round learned. The mean and standard deviation of the rewards the model
 gives its training answers are stored in its config (``reward_mean``, ``reward_std``): PPO and
@@ -83,6 +92,14 @@ class RewardConfig:
             "held-out rankings are given."
         },
     )
+    likelihood_feature: bool = field(
+        default=True,
+        metadata={
+            "help": "Add w · (the answer's mean token log-likelihood under the model's tied "
+            "unembedding) to the score, w fitted to the rankings at every refresh. Needs "
+            "tied embeddings; ignored for models without them."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the head's init and data order."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
@@ -100,24 +117,32 @@ class RewardConfig:
 # --- data: feedback events -> token ids and rankings ---------------------------------------------
 
 
+Encoded = tuple[list[int], int]  # prompt + answer token ids, and where the answer starts
+
+
 @dataclass
 class RankedAnswers:
-    """One ranking: the token ids of each candidate (prompt + answer) and its tie groups."""
+    """One ranking: each candidate encoded (prompt + answer, answer start) and its tie groups."""
 
-    sequences: list[list[int]]
+    sequences: list[Encoded]
     ranking: list[list[int]]
 
 
 def encode_answer(
     tokenizer: PreTrainedTokenizerBase, messages: Messages, answer: str, max_length: int
-) -> list[int]:
-    """Prompt and answer through the chat template; the last token is the answer's end-of-turn.
+) -> Encoded:
+    """Prompt and answer through the chat template, and the index of the answer's first token.
 
-    Too-long conversations lose their beginning, never the answer's end that the head reads.
+    The last token is the answer's end-of-turn. Too-long conversations lose their beginning,
+    never the answer's end that the head reads.
     """
     conversation = [*messages, {"role": "assistant", "content": answer}]
-    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
-    return list(ids)[-max_length:]
+    ids = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    cut = max(0, len(ids) - max_length)
+    return ids[cut:], max(1, len(prompt) - cut)
 
 
 def encode_events(
@@ -148,15 +173,19 @@ def encode_events(
     return encoded
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded to the longest sequence."""
-    width = max(len(s) for s in sequences)
+def pad_right(
+    sequences: Sequence[Encoded], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, answer_mask), right-padded to the longest sequence."""
+    width = max(len(ids) for ids, _ in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
+    answer = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, start) in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return ids, mask
+        answer[row, start : len(seq)] = True
+    return ids, mask, answer
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -204,23 +233,71 @@ def load_reward_model(model_dir: str | Path) -> PreTrainedModel:
     return model.eval()
 
 
-def last_token_rewards(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Raw scalar reward of each sequence, read at its last attended token (any padding side).
+def has_likelihood_head(model: PreTrainedModel) -> bool:
+    """Whether the backbone's input embeddings double as its unembedding (tied weights), so the
+    reward model can compute the likelihood feature without a separate LM head."""
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def head_and_likelihood(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's score of each sequence at its last attended token, and the answer's mean
+    token log-likelihood (None without an ``answer_mask`` or a tied unembedding).
 
     The last token is found from the attention mask, not by looking for pad ids, so an answer
-    that happens to contain the pad token is still scored at its end.
+    that happens to contain the pad token is still scored at its end. Logits are computed only
+    where an answer token is predicted, so a large vocabulary costs no full-sequence logits.
     """
-    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    positions = torch.arange(input_ids.shape[1], device=device)
     last = (positions * attention_mask).argmax(1)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return model.score(hidden[rows, last]).squeeze(-1)
+    rows = torch.arange(input_ids.shape[0], device=device)
+    head = model.score(hidden[rows, last]).squeeze(-1)
+    if answer_mask is None or not has_likelihood_head(model):
+        return head, None
+    targets = answer_mask.to(device)[:, 1:]  # token t+1 is predicted at position t
+    row, col = targets.nonzero(as_tuple=True)
+    logits = hidden[row, col] @ model.get_input_embeddings().weight.T
+    token_logp = torch.log_softmax(logits.float(), -1).gather(
+        1, input_ids[row, col + 1].unsqueeze(1)
+    )
+    total = torch.zeros(input_ids.shape[0], device=device).index_add(0, row, token_logp[:, 0])
+    return head, total / targets.sum(1).clamp(min=1)
+
+
+def likelihood_weight(model: PreTrainedModel) -> float:
+    """The learned weight of the likelihood feature (0 for a model trained without it)."""
+    return float(getattr(model.config, "likelihood_weight", 0.0) or 0.0)
+
+
+def last_token_rewards(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Raw scalar reward of each sequence (any padding side): the head's score at the last
+    attended token, plus the learned weight times the answer's mean log-likelihood.
+
+    ``answer_mask`` marks the answer's tokens; a reward model with a likelihood weight needs
+    it (the same answer scores differently without its likelihood term).
+    """
+    weight = likelihood_weight(model)
+    if weight and answer_mask is None:
+        raise ValueError("this reward model scores likelihood too: pass the answer_mask")
+    head, likelihood = head_and_likelihood(
+        model, input_ids, attention_mask, answer_mask if weight else None
+    )
+    return head if likelihood is None else head + weight * likelihood
 
 
 def normalize_rewards(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor:
@@ -231,37 +308,90 @@ def normalize_rewards(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor
 # --- training ------------------------------------------------------------------------------------
 
 
-def ranking_batch_rewards(
-    model: PreTrainedModel, batch: Sequence[RankedAnswers], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rewards of every answer of a batch of rankings, with the batch's pairs and their owners."""
+def batch_parts(
+    model: PreTrainedModel, batch: Sequence[RankedAnswers], pad_id: int, likelihood: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head scores and (if ``likelihood``) answer likelihoods of every answer of a batch."""
     sequences = [s for item in batch for s in item.sequences]
-    input_ids, attention_mask = pad_right(sequences, pad_id)
-    rewards = last_token_rewards(model, input_ids, attention_mask)
+    input_ids, attention_mask, answer_mask = pad_right(sequences, pad_id)
+    return head_and_likelihood(
+        model, input_ids, attention_mask, answer_mask if likelihood else None
+    )
+
+
+def combine(head: torch.Tensor, likelihood: torch.Tensor | None, weight: Any) -> torch.Tensor:
+    """The reward: head score plus the weighted likelihood (when there is one)."""
+    return head if likelihood is None else head + weight * likelihood
+
+
+def rankings_pairs(
+    batch: Sequence[RankedAnswers], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of a batch of rankings (indices into its flattened answers) and their owners."""
     pairs, owner = batch_pairs([item.ranking for item in batch], [len(i.sequences) for i in batch])
-    return rewards, pairs.to(rewards.device), owner.to(rewards.device)
+    return pairs.to(device), owner.to(device)
+
+
+@dataclass
+class ScoredRankings:
+    """Head scores and likelihoods of every answer of a data set, with all its pairs."""
+
+    head: torch.Tensor
+    likelihood: torch.Tensor | None
+    pairs: torch.Tensor
+    owner: torch.Tensor
+
+    def metrics(self, weight: float) -> dict[str, Any]:
+        """Pairwise accuracy and loss (mean over rankings), and every raw reward."""
+        rewards = combine(self.head, self.likelihood, weight)
+        return {
+            "accuracy": pairwise_accuracy(rewards, self.pairs),
+            "loss": pairwise_ranking_loss(rewards, self.pairs, self.owner).item(),
+            "pairs": len(self.pairs),
+            "rewards": rewards,
+        }
 
 
 @torch.no_grad()
-def evaluate(
-    model: PreTrainedModel, data: Sequence[RankedAnswers], pad_id: int, batch_size: int
-) -> dict[str, Any]:
-    """Pairwise accuracy and loss on ``data``, and every raw reward (for the normalisation)."""
+def score_rankings(
+    model: PreTrainedModel,
+    data: Sequence[RankedAnswers],
+    pad_id: int,
+    batch_size: int,
+    likelihood: bool,
+) -> ScoredRankings:
+    """One no-gradient pass over ``data``."""
     model.eval()
-    all_rewards, losses, hits, n_pairs = [], [], 0.0, 0
+    heads, likelihoods = [], []
     for start in range(0, len(data), batch_size):
-        batch = data[start : start + batch_size]
-        rewards, pairs, owner = ranking_batch_rewards(model, batch, pad_id)
-        losses.append(pairwise_ranking_loss(rewards, pairs, owner).item() * len(batch))
-        hits += pairwise_accuracy(rewards, pairs) * len(pairs)
-        n_pairs += len(pairs)
-        all_rewards.append(rewards)
-    return {
-        "accuracy": hits / n_pairs,
-        "loss": sum(losses) / len(data),
-        "pairs": n_pairs,
-        "rewards": torch.cat(all_rewards).cpu(),
-    }
+        head, lik = batch_parts(model, data[start : start + batch_size], pad_id, likelihood)
+        heads.append(head.cpu())
+        likelihoods.append(lik.cpu() if lik is not None else None)
+    pairs, owner = rankings_pairs(data, torch.device("cpu"))
+    return ScoredRankings(
+        torch.cat(heads), torch.cat(likelihoods) if likelihood else None, pairs, owner
+    )
+
+
+def fit_likelihood_weight(scored: ScoredRankings, start: float, l2: float = 1e-3) -> float:
+    """The likelihood weight that best ranks ``scored``'s pairs with the head scores held fixed.
+
+    A one-parameter logistic regression: convex, so L-BFGS finds the same answer from any
+    start; the small L2 term keeps it finite when a few rankings are perfectly separable.
+    """
+    assert scored.likelihood is not None
+    weight = torch.tensor(float(start), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        rewards = combine(scored.head, scored.likelihood, weight)
+        loss = pairwise_ranking_loss(rewards, scored.pairs, scored.owner) + l2 * weight**2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.item()
 
 
 def train_reward_model(
@@ -275,7 +405,7 @@ def train_reward_model(
 
     ``init_dir`` is the SFT policy (first time) or the previous reward model (warm start).
     Returns JSON-able metrics: ``heldout_accuracy`` (None without held-out rankings),
-    ``reward_mean``, ``reward_std``, train loss/accuracy, counts and time.
+    ``reward_mean``, ``reward_std``, ``likelihood_weight``, train loss/accuracy, counts, time.
     """
     started = time.perf_counter()
     check_model_dir(init_dir)
@@ -291,9 +421,17 @@ def train_reward_model(
         raise ValueError("no ranking that orders at least two answers to train on")
 
     model, warm = init_reward_model(init_dir, config.seed)
-    model.to(resolve_device(config.device))
+    device = resolve_device(config.device)
+    model.to(device)
+    use_likelihood = config.likelihood_feature and has_likelihood_head(model)
+    batch = 2 * config.rankings_per_batch
+    weight = torch.nn.Parameter(torch.tensor(likelihood_weight(model), device=device))
+    if use_likelihood:  # fit the one weight first, so the head learns what it leaves unexplained
+        scored = score_rankings(model, train, pad_id, batch, likelihood=True)
+        weight.data.fill_(fit_likelihood_weight(scored, weight.item()))
+    parameters = [*model.parameters(), weight] if use_likelihood else list(model.parameters())
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -305,22 +443,27 @@ def train_reward_model(
         order = rng.sample(train, len(train))
         epoch_losses = []
         for start in range(0, len(order), config.rankings_per_batch):
-            rewards, pairs, owner = ranking_batch_rewards(
-                model, order[start : start + config.rankings_per_batch], pad_id
-            )
-            loss = pairwise_ranking_loss(rewards, pairs, owner)
+            chunk = order[start : start + config.rankings_per_batch]
+            head, likelihood = batch_parts(model, chunk, pad_id, use_likelihood)
+            pairs, owner = rankings_pairs(chunk, device)
+            loss = pairwise_ranking_loss(combine(head, likelihood, weight), pairs, owner)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             epoch_losses.append(loss.item())
             step += 1
         logger.info("reward model epoch done: step %d loss %.4f", step, _mean(epoch_losses))
 
-    batch = 2 * config.rankings_per_batch
-    on_train = evaluate(model, train, pad_id, batch)
-    on_heldout = evaluate(model, heldout, pad_id, batch) if heldout else None
+    final_weight = weight.item() if use_likelihood else 0.0
+    on_train = score_rankings(model, train, pad_id, batch, use_likelihood).metrics(final_weight)
+    on_heldout = (
+        score_rankings(model, heldout, pad_id, batch, use_likelihood).metrics(final_weight)
+        if heldout
+        else None
+    )
+    model.config.likelihood_weight = final_weight
     model.config.reward_mean = on_train["rewards"].mean().item()
     model.config.reward_std = max(on_train["rewards"].std().item(), 1e-6)
     out = Path(out_dir)
@@ -336,6 +479,7 @@ def train_reward_model(
         "train_accuracy": on_train["accuracy"],
         "train_loss": on_train["loss"],
         "last_epoch_loss": _mean(epoch_losses),
+        "likelihood_weight": final_weight,
         "reward_mean": model.config.reward_mean,
         "reward_std": model.config.reward_std,
         "steps": step,
@@ -368,8 +512,8 @@ def score(
     ]
     rewards = []
     for start in range(0, len(sequences), batch_size):
-        ids, mask = pad_right(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        rewards.append(last_token_rewards(rm, ids, mask))
+        ids, mask, answer = pad_right(sequences[start : start + batch_size], tokenizer.pad_token_id)
+        rewards.append(last_token_rewards(rm, ids, mask, answer))
     raw = torch.cat(rewards).cpu() if rewards else torch.zeros(0)
     return normalize_rewards(rm, raw) if normalize else raw
 

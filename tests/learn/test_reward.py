@@ -10,7 +10,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from learn.reward import RewardConfig, load_reward_model, score, train_reward_model
+from learn.ppo import encode_prompt, make_rollout, sequence_logprobs
+from learn.reward import (
+    RewardConfig,
+    encode_answer,
+    head_and_likelihood,
+    init_reward_model,
+    last_token_rewards,
+    load_reward_model,
+    pad_right,
+    score,
+    train_reward_model,
+)
 from tests.learn.rlhf_helpers import (
     REWARD_CONFIG,
     loopchat,
@@ -141,3 +152,66 @@ def test_cli_refuses_a_bad_rankings_file_in_one_line(sft_policy: Path, tmp_path:
     assert result.stderr.count("\n") == 1
     assert f"{data}:2: not JSON" in result.stderr
     assert not (tmp_path / "config.json").exists()
+
+
+def test_likelihood_term_is_the_answers_mean_token_log_likelihood_under_the_sft_model(
+    sft_policy: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_policy)
+    rm, _ = init_reward_model(sft_policy, seed=0)
+    lm = AutoModelForCausalLM.from_pretrained(sft_policy).eval()
+    answers = ["yes no yes no yes no", "no no", "yes yes yes yes yes yes yes yes"]
+    encoded = [encode_answer(tokenizer, prompt_messages(i), a, 256) for i, a in enumerate(answers)]
+    ids, mask, answer = pad_right(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        _, likelihood = head_and_likelihood(rm.eval(), ids, mask, answer)
+        token_logprobs = sequence_logprobs(lm, ids, mask)  # entry t: log p(ids[t+1] | ..t)
+    for row, (seq, start) in enumerate(encoded):
+        expected = token_logprobs[row, start - 1 : len(seq) - 1].mean()
+        assert likelihood[row].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_likelihood_weight_takes_the_sign_of_the_users_preference(
+    sft_policy: Path, tmp_path: Path
+) -> None:
+    """Users who prefer the answers the model finds likely get a positive weight; users who
+    prefer the unlikely ones, a negative one: the data decide, not a built-in prior."""
+    likely, unlikely = "yes no yes no no yes", "Say Say Say agree agree"
+    events = preference_events(24, seed=5)
+    for event in events:
+        event["candidates"] = [likely, unlikely]
+    config = RewardConfig(epochs=1, learning_rate=1e-5)
+    for name, ranking, sign in (("likely", [0, 1], 1), ("unlikely", [1, 0], -1)):
+        for event in events:
+            event["ranking"] = ranking
+        metrics = train_reward_model(events, sft_policy, tmp_path / name, config)
+        assert sign * metrics["likelihood_weight"] > 0.1
+        assert metrics["train_accuracy"] == 1.0
+
+
+def test_ppo_rollouts_score_as_the_reward_model_scores_the_same_answer_as_text(
+    trained: tuple[Path, dict],
+) -> None:
+    out, metrics = trained
+    assert metrics["likelihood_weight"] != 0.0
+    rm = load_reward_model(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    messages = [prompt_messages(i) for i in range(3)]
+    texts = ["yes yes no", "no", "yes no yes no yes no"]
+    prompts = [encode_prompt(tokenizer, m, 192) for m in messages]
+    answers = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for t in texts
+    ]
+    rollout = make_rollout(prompts, answers, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert rollout.input_ids[rollout.answer_mask()].tolist() == [t for a in answers for t in a]
+    with torch.no_grad():
+        from_rollout = last_token_rewards(
+            rm, rollout.input_ids, rollout.attention_mask, rollout.answer_mask()
+        )
+    from_text = score(rm, tokenizer, messages, texts, normalize=False)
+    assert torch.allclose(from_rollout, from_text, atol=1e-4)
+    with pytest.raises(ValueError, match="answer_mask"):
+        last_token_rewards(rm, rollout.input_ids, rollout.attention_mask)
