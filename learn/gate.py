@@ -15,6 +15,11 @@ Checks, cheapest first (a failing check that makes the later ones meaningless st
    live does: the check that the policy moved towards what users said, not only towards the
    reward model.
 
+Checks 4 and 5 are estimates from a few prompts and a few dozen pairs, so "not lower" means
+"not lower by more than ``significance`` standard errors of the paired difference" (and the
+fixed tolerance): with a bare comparison a candidate exactly as good as live fails half the
+time, and the loop stalls on noise (seen in ``loopchat bench loop``: 5 of 8 refused).
+
 The result is a JSON-able dict: ``passed``, ``reasons`` (failed checks, empty when passed),
 ``reason`` (one line, for the registry and the ops page) and the numbers behind each check.
 """
@@ -40,7 +45,7 @@ Messages = list[dict[str, str]]
 class GateConfig:
     """Budgets and sample sizes of the gate."""
 
-    prompts: int = field(default=8, metadata={"help": "Held-out prompts sampled for KL/reward."})
+    prompts: int = field(default=16, metadata={"help": "Held-out prompts sampled for KL/reward."})
     max_new_tokens: int = field(default=32, metadata={"help": "Length of sampled answers."})
     max_prompt_length: int = field(
         default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
@@ -59,6 +64,13 @@ class GateConfig:
     agreement_tolerance: float = field(
         default=0.0,
         metadata={"help": "Candidate's held-out agreement may be this much below live's."},
+    )
+    significance: float = field(
+        default=1.0,
+        metadata={
+            "help": "The reward and agreement checks fail only when the candidate is worse by "
+            "more than this many standard errors of the paired difference (and the tolerance)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both models)."})
 
@@ -133,9 +145,9 @@ def sample_answers(
 
 def agreement(
     model: PreTrainedModel, tokenizer: Any, events: list[dict], config: GateConfig
-) -> tuple[float, int]:
-    """Share of held-out preference pairs where ``model`` gives the preferred answer the higher
-    log-likelihood (ties count half), and the number of pairs."""
+) -> torch.Tensor:
+    """One value per held-out preference pair: 1 where ``model`` gives the preferred answer the
+    higher log-likelihood, ½ on a tie, 0 otherwise (the mean is the agreement rate)."""
     sequences, offsets = [], []
     for event in events:
         offsets.append(len(sequences))
@@ -144,13 +156,23 @@ def agreement(
             for c in event["candidates"]
         ]
     logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
-    hits, pairs = 0.0, 0
+    hits = []
     for event, offset in zip(events, offsets, strict=True):
         for better, worse in ranking_pairs(normalise_ranking(event["ranking"])):
             won, lost = logp[offset + better], logp[offset + worse]
-            hits += 1.0 if won > lost else 0.5 if won == lost else 0.0
-            pairs += 1
-    return (hits / pairs if pairs else 0.0), pairs
+            hits.append(1.0 if won > lost else 0.5 if won == lost else 0.0)
+    return torch.tensor(hits)
+
+
+def worse_beyond_noise(
+    candidate: torch.Tensor, live: torch.Tensor, tolerance: float, significance: float
+) -> bool:
+    """Whether paired measurements say the candidate is worse than live: its mean is below
+    live's by more than ``tolerance`` and by more than ``significance`` standard errors of the
+    paired differences (one pair: no spread to judge by, the tolerance alone decides)."""
+    difference = candidate - live
+    spread = difference.std().item() / len(difference) ** 0.5 if len(difference) > 1 else 0.0
+    return difference.mean().item() < -max(tolerance, significance * spread)
 
 
 def evaluate_gate(
@@ -205,19 +227,26 @@ def evaluate_gate(
         live_answers = sample_answers(live, tokenizer, prompts, config)
         texts = [tokenizer.decode(a, skip_special_tokens=True) for a in cand_answers]
         live_texts = [tokenizer.decode(a, skip_special_tokens=True) for a in live_answers]
-        result["reward_candidate"] = float(score(rm, tokenizer, prompts, texts).mean())
-        result["reward_live"] = float(score(rm, tokenizer, prompts, live_texts).mean())
-        if result["reward_candidate"] < result["reward_live"] - config.reward_tolerance:
+        cand_rewards = score(rm, tokenizer, prompts, texts)
+        live_rewards = score(rm, tokenizer, prompts, live_texts)
+        result["reward_candidate"] = float(cand_rewards.mean())
+        result["reward_live"] = float(live_rewards.mean())
+        if worse_beyond_noise(
+            cand_rewards, live_rewards, config.reward_tolerance, config.significance
+        ):
             result["reasons"].append(
                 f"reward {result['reward_candidate']:.3f} below live's {result['reward_live']:.3f}"
             )
 
-    if heldout_events:
-        result["agreement_candidate"], result["heldout_pairs"] = agreement(
-            candidate, tokenizer, heldout_events, config
-        )
-        result["agreement_live"], _ = agreement(live, tokenizer, heldout_events, config)
-        if result["agreement_candidate"] < result["agreement_live"] - config.agreement_tolerance:
+    cand_hits = agreement(candidate, tokenizer, heldout_events, config) if heldout_events else []
+    if len(cand_hits):
+        live_hits = agreement(live, tokenizer, heldout_events, config)
+        result["heldout_pairs"] = len(cand_hits)
+        result["agreement_candidate"] = float(cand_hits.mean())
+        result["agreement_live"] = float(live_hits.mean())
+        if worse_beyond_noise(
+            cand_hits, live_hits, config.agreement_tolerance, config.significance
+        ):
             result["reasons"].append(
                 f"agrees with users on {result['agreement_candidate']:.1%} of held-out pairs, "
                 f"live on {result['agreement_live']:.1%}"

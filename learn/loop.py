@@ -120,7 +120,8 @@ class LoopConfig:
         default=64, metadata={"help": "Cap on held-out rankings (the gate scores each one)."}
     )
     max_prompts: int = field(
-        default=32, metadata={"help": "PPO prompts, from the most recent distinct conversations."}
+        default=128,
+        metadata={"help": "PPO prompts, from the most recent distinct conversations."},
     )
     ptx_texts: int = field(
         default=256, metadata={"help": "Pre-training texts for the PPO-ptx term (0 = no ptx)."}
@@ -144,12 +145,22 @@ class LoopConfig:
         default_factory=RewardConfig, metadata={"help": "Reward-model refresh settings."}
     )
     ppo: PPOConfig = field(
-        default_factory=lambda: PPOConfig(engine="hf", response_length=32),
+        default_factory=lambda: PPOConfig(
+            engine="hf",
+            response_length=32,
+            steps=16,
+            batch_size=64,
+            mini_batch_size=64,
+            ppo_epochs=2,
+            learning_rate=5e-5,
+        ),
         metadata={
             "help": "PPO settings. Rollouts use transformers here: on the ~1M built-in model "
             "vLLM's start (~25 s) and per-step overhead cost more than the whole HF rollout; "
             'set {"engine": "vllm"} for larger models and GPU workers. Answers of the built-in '
-            "tasks fit in 32 tokens."
+            "tasks fit in 32 tokens. 16 steps of 64 episodes at lr 5e-5 (about 25 s on two "
+            "cores) raised the built-in model's rate offline; smaller batches or a higher lr "
+            "drifted (KL up, rate flat or down), fewer episodes barely moved it."
         },
     )
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "Gate settings."})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.gate import GateConfig, evaluate_gate
+from learn.gate import GateConfig, evaluate_gate, worse_beyond_noise
 from learn.presets import save_model
 from learn.reward import RewardConfig, train_reward_model
 from tests.learn.loop_helpers import arithmetic_prompts, sample_completions, shorter_first
@@ -89,3 +89,16 @@ def test_a_far_away_checkpoint_fails_the_kl_budget(
     assert gate["passed"] is False
     assert gate["kl"] > CONFIG.kl_budget
     assert any(reason.startswith("KL to live") for reason in gate["reasons"])
+
+
+def test_only_a_difference_beyond_the_noise_of_paired_samples_counts_as_worse() -> None:
+    live = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    # one pair won, two lost: 12.5 points lower, within one standard error of the differences
+    mixed = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    assert not worse_beyond_noise(mixed, live, tolerance=0.0, significance=1.0)
+    assert worse_beyond_noise(mixed, live, tolerance=0.0, significance=0.0)
+    # every preferred answer lost: worse whatever the spread
+    assert worse_beyond_noise(torch.zeros(8), live, tolerance=0.0, significance=1.0)
+    # a single measurement has no spread: the tolerance alone decides
+    assert worse_beyond_noise(torch.tensor([0.5]), torch.tensor([1.0]), 0.1, 1.0)
+    assert not worse_beyond_noise(torch.tensor([0.95]), torch.tensor([1.0]), 0.1, 1.0)
