@@ -77,10 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(feedback.router)  # first: the busiest route, matched before the others
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
-    app.include_router(feedback.router)
     app.include_router(openai.unknown_v1)  # after every /v1 router: OpenAI-shaped 404/405
     from ui.ops import mount_ops  # gradio: imported only when an app is built
 

@@ -12,6 +12,7 @@ down, then stops the worker.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -88,6 +89,21 @@ def check_redis(url: str) -> None:
         client.close()
 
 
+def freeze_startup_objects() -> None:
+    """Exempt what startup loaded from the cyclic garbage collector's full collections.
+
+    torch, transformers, gradio and the model leave ~650k objects that live as long as the
+    process, and each full collection walks all of them: under load that was ~0.5 s every few
+    seconds (measured: 2.2 s of a 15 s run at 500 rankings/s). Frozen, a full collection only
+    walks what was allocated since. The price: a reference cycle among frozen objects is never
+    freed (reference counting still frees everything else), so at most what startup built.
+    Done here, in the serving process, not in the app's lifespan: in-process test clients
+    start many apps and should not keep them all.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def start_worker() -> subprocess.Popen:
     """``loopchat worker`` as a child process with this process's environment (and Redis)."""
     return subprocess.Popen([sys.executable, "-m", "serve.cli", "worker"], env=os.environ.copy())
@@ -119,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
-            if self.started:
+            if self.started:  # the app's lifespan has run: the engine and pages are loaded
+                freeze_startup_objects()
                 print(f"loopchat: serving on {url}  (OpenAI base URL {url}/v1)", flush=True)
 
     config = uvicorn.Config(

@@ -2,10 +2,12 @@
 
 The API never imports training code: it sends the Celery task ``learn.tasks.run_round`` *by
 name* to the ``learn`` queue on the same Redis the store uses, and a worker (``loopchat
-worker``) runs it. Any number of API replicas may count at once (:class:`LoopTrigger`): the
-counter ``loopchat:loop:since_round`` is incremented and, when it reaches ``round_every``,
-decreased by ``round_every`` in the same server-side script, so exactly one caller per
-``round_every`` rankings sends the task (no double rounds, no lost counts).
+worker``) runs it. Any number of API replicas may count at once: the counter
+``loopchat:loop:since_round`` is incremented and, when it reaches ``round_every``, decreased by
+``round_every`` in one server-side step (:data:`CLAIM_ROUND_LUA`), so exactly one ranking per
+``round_every`` claims the round (no double rounds, no lost counts). That step runs inside the
+feedback service's store script, so counting costs no round trip of its own; the ranking that
+claimed a round then sends it (:class:`LoopTrigger`).
 
 The counter is "rankings since the last *triggered* round"; which rankings a round actually
 used is decided by the learner (``learn/loop.py``), so a late or duplicated task costs at most a
@@ -35,14 +37,18 @@ QUEUE = "learn"
 ROUND_TASK = "learn.tasks.run_round"
 COUNTER = key("loop", "since_round")
 
-# INCR, and when the count reaches `every` take `every` off it and answer 1 (send the task).
-_COUNT_AND_CLAIM = """
-local n = redis.call('INCR', KEYS[1])
-if n >= tonumber(ARGV[1]) then
-  redis.call('DECRBY', KEYS[1], ARGV[1])
-  return 1
+# A Lua function for a script that stores rankings (serve/feedback.py) to count one in the same
+# atomic step: INCR, and when the count reaches `every` take `every` off it and answer 1 (the
+# caller then sends the task, see LoopTrigger.send_claimed_round).
+CLAIM_ROUND_LUA = """
+local function claim_round(counter, every)
+  local n = redis.call('INCR', counter)
+  if n >= every then
+    redis.call('DECRBY', counter, every)
+    return 1
+  end
+  return 0
 end
-return 0
 """
 
 
@@ -82,26 +88,20 @@ def send_round(redis_url: str, **kwargs: object) -> str:
 
 
 class LoopTrigger:
-    """Counts stored rankings for one API process; every ``settings.round_every``, queues a round.
-
-    Holds the counting script registered on the process's client, so each ranking costs one
-    EVALSHA rather than sending the script's text again.
-    """
+    """Sends the learning round that a stored ranking claimed (:data:`CLAIM_ROUND_LUA`)."""
 
     def __init__(self, aclient: aioredis.Redis, settings: Settings) -> None:
         self.client = aclient
         self.settings = settings
-        self._count_and_claim = aclient.register_script(_COUNT_AND_CLAIM)
 
-    async def ranking_stored(self) -> None:
-        """Count one stored ranking, and queue a round when it completes a batch.
+    async def send_claimed_round(self) -> None:
+        """Queue the round the caller's ranking claimed.
 
         Sending runs in a thread (kombu is blocking). If it fails the count is given back, so
-        the next ranking tries again; the ranking itself is already stored and is never lost.
+        the next ranking claims the round again; the ranking itself is already stored and is
+        never lost.
         """
         every = self.settings.round_every
-        if not await self._count_and_claim(keys=[COUNTER], args=[every]):
-            return
         try:
             task_id = await asyncio.to_thread(send_round, resolve_redis_url(self.settings))
         except Exception:
