@@ -324,7 +324,7 @@ def combine(head: torch.Tensor, likelihood: torch.Tensor | None, weight: Any) ->
     return head if likelihood is None else head + weight * likelihood
 
 
-def rankings_pairs(
+def batch_pair_indices(
     batch: Sequence[RankedAnswers], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs of a batch of rankings (indices into its flattened answers) and their owners."""
@@ -367,7 +367,7 @@ def score_rankings(
         head, lik = batch_parts(model, data[start : start + batch_size], pad_id, likelihood)
         heads.append(head.cpu())
         likelihoods.append(lik.cpu() if lik is not None else None)
-    pairs, owner = rankings_pairs(data, torch.device("cpu"))
+    pairs, owner = batch_pair_indices(data, torch.device("cpu"))
     return ScoredRankings(
         torch.cat(heads), torch.cat(likelihoods) if likelihood else None, pairs, owner
     )
@@ -445,7 +445,7 @@ def train_reward_model(
         for start in range(0, len(order), config.rankings_per_batch):
             chunk = order[start : start + config.rankings_per_batch]
             head, likelihood = batch_parts(model, chunk, pad_id, use_likelihood)
-            pairs, owner = rankings_pairs(chunk, device)
+            pairs, owner = batch_pair_indices(chunk, device)
             loss = pairwise_ranking_loss(combine(head, likelihood, weight), pairs, owner)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
