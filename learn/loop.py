@@ -120,8 +120,14 @@ class LoopConfig:
         default=64, metadata={"help": "Cap on held-out rankings (the gate scores each one)."}
     )
     max_prompts: int = field(
-        default=128,
-        metadata={"help": "PPO prompts, from the most recent distinct conversations."},
+        default=1024,
+        metadata={
+            "help": "PPO prompts: the most recent distinct conversations of the whole stream, "
+            "not only the reward model's window. Many distinct prompts are what makes PPO's "
+            "gain carry over to new questions: offline, with the true correctness as reward, "
+            "6 x 1,024 episodes on 1,024 prompts raised held-out prompts by 7 points, on 128 "
+            "prompts by 2 (the training prompts' reward kept rising: memorised)."
+        },
     )
     ptx_texts: int = field(
         default=256, metadata={"help": "Pre-training texts for the PPO-ptx term (0 = no ptx)."}
@@ -420,7 +426,7 @@ def _round(
         # 2. PPO from the live policy on recent real prompts, KL to the SFT reference, ptx.
         t = time.time()
         events = [ev for _, ev in window]
-        prompts = recent_prompts(events, config.max_prompts)
+        prompts = recent_prompts([ev for _, ev in everything], config.max_prompts)
         ppo_metrics = train_ppo(
             live_dir,
             registry.local_path(reference),

@@ -94,6 +94,20 @@ def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
     assert rounds == ["round-1", "round-3"]
 
 
+def test_ppo_prompts_come_from_the_whole_stream_not_only_the_reward_models_window(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    config = LoopConfig.from_settings(settings, {**TINY, "rm_window": 4, "max_prompts": 10})
+    submit_rankings(redis_url, fresh(completions[:12]))
+    distinct = {json.dumps(c.messages) for c in completions[:12]}
+
+    record = run_round("round-wide", config, settings)
+    window = record["data_window"]
+    assert window["train"] + window["heldout"] == 4
+    assert registry.get(record["candidate"])["info"]["prompts"] == min(10, len(distinct)) > 4
+
+
 def test_a_redelivered_round_returns_its_record_without_training_again(
     loop, completions, redis_url
 ) -> None:
