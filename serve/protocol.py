@@ -10,11 +10,27 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationInfo, field_validator
 
 from serve.engine.base import SamplingOptions
 
 Role = Literal["system", "user", "assistant"]
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate (``"\\ud800"``), which is no character: it cannot be
+    stored, tokenized or sent back as UTF-8, so it is refused here with its field named."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        message = f"not valid Unicode text (a lone surrogate at index {exc.start})"
+        raise ValueError(message) from None
+    return text
+
+
+# Every free text a client sends: valid Unicode, so nothing downstream fails on it.
+Text = Annotated[str, AfterValidator(_encodable)]
+
 SEED_MAX = 2**63 - 1 - 64  # candidate i samples with seed + i; stays a valid 64-bit seed
 
 
@@ -51,13 +67,13 @@ class TextPart(BaseModel):
     """A text content part (``content`` may be a list of these, as the OpenAI API allows)."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Role
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string."""
@@ -77,18 +93,18 @@ class ChatCompletionRequest(BaseModel):
     configured ``max_n``.
     """
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     n: int | None = Field(default=None, ge=1, le=16)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
     @field_validator("temperature")
     @classmethod
@@ -195,11 +211,11 @@ class FeedbackRequest(BaseModel):
     stored completion by ``serve.feedback``; the comment's length limit is a setting.
     """
 
-    completion_id: str = Field(min_length=1, max_length=128)
+    completion_id: Text = Field(min_length=1, max_length=128)
     ranking: list[StrictInt | list[StrictInt]] = Field(max_length=64)
     all_bad: bool = False
-    user: str | None = Field(default=None, max_length=256)
-    comment: str | None = None
+    user: Text | None = Field(default=None, max_length=256)
+    comment: Text | None = None
 
 
 class FeedbackResponse(BaseModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from serve.admin import AdminAuthError, AdminService, check_admin_token
 from serve.errors import APIError
+from serve.protocol import Text
 from serve.registry import NoPrevious, PromotionRefused, RegistryError, UnknownVersion
 
 
@@ -42,8 +43,8 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 class AdminAction(BaseModel):
     """Optional body of promote and rollback: who and why, kept in the registry's history."""
 
-    reason: str = Field(default="", max_length=1000)
-    by: str = Field(default="admin", min_length=1, max_length=100)
+    reason: Text = Field(default="", max_length=1000)
+    by: Text = Field(default="admin", min_length=1, max_length=100)
 
 
 def registry_error(exc: RegistryError) -> APIError:

@@ -18,6 +18,7 @@ from tests.conftest import TEST_REDIS_URL, Server, start_server
 
 KEY = "sk-test-1"
 OK = {"model": "loopchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_invalid_json_is_400(api: httpx.Client) -> None:
     response = api.post(
         "/chat/completions",
         content=b'{"model": "loopchat",',
-        headers={"content-type": "application/json"},
+        headers=JSON,
     )
     assert assert_error(response, 400, None, "not valid JSON")["code"] == "invalid_json"
 
@@ -121,6 +122,25 @@ def test_malformed_request_is_422_naming_the_field(
 ) -> None:
     response = api.post("/chat/completions", json=body)
     assert_error(response, 422, param, word)
+
+
+@pytest.mark.parametrize(
+    ("field", "param"),
+    [
+        ('"messages": [{"role": "user", "content": "hi \\ud800"}]', "messages[0].content"),
+        ('"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]',
+         "messages[0].content[0].text"),
+        ('"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud83d"', "stop"),
+        ('"messages": [{"role": "user", "content": "hi"}], "user": "\\ud800"', "user"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_in_any_text_is_422_naming_the_field(
+    api: httpx.Client, field: str, param: str
+) -> None:
+    """JSON can escape half a UTF-16 pair, which no UTF-8 store or tokenizer takes."""
+    body = f'{{"model": "loopchat", {field}}}'.encode()
+    response = api.post("/chat/completions", content=body, headers=JSON)
+    assert_error(response, 422, param, "lone surrogate")
 
 
 def test_unknown_model_is_404(api: httpx.Client) -> None:

@@ -240,6 +240,24 @@ def test_oversize_comment_or_body_is_413_and_stores_nothing(api: httpx.Client) -
     assert fits.status_code == 201
 
 
+def test_a_lone_surrogate_in_the_comment_is_422_and_the_ranking_can_be_sent_again(
+    api: httpx.Client,
+) -> None:
+    completion = saved(2)
+    body = f'{{"completion_id": "{completion.id}", "ranking": [1, 0], "user": "gil", '
+    bad = api.post(
+        "/v1/feedback",
+        content=(body + '"comment": "half a pair \\ud83d"}').encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert_error(bad, 422, "comment", "lone surrogate")
+    assert events_of(completion.id) == []
+    fixed = (body + '"comment": "a whole one \\ud83d\\ude00"}').encode()
+    good = api.post("/v1/feedback", content=fixed, headers={"content-type": "application/json"})
+    assert good.status_code == 201, good.text
+    assert [event["comment"] for event in events_of(completion.id)] == ["a whole one \U0001f600"]
+
+
 def test_200_concurrent_posts_store_exactly_one_event_per_201(server: Server) -> None:
     """Each of 100 (completion, user) pairs is posted twice at once: 100 events, no more."""
     completions = [make_completion(3, api_key=KEY_A) for _ in range(50)]
