@@ -85,14 +85,19 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float | int | None]:
     }
 
 
+# Read when the chosen benchmark's module imports this one, i.e. before it loads the machine:
+# what else was running. The load when the result is written is mostly the benchmark's own.
+LOAD_AT_START = os.getloadavg()[0]
+
+
 def machine() -> dict[str, Any]:
     """Where a result was measured (numbers only mean something next to this)."""
-    load = os.getloadavg()
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "load_average_1m_at_start": round(load[0], 2),
+        "load_average_1m_at_start": round(LOAD_AT_START, 2),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
 
 
