@@ -56,12 +56,16 @@ return {posts, redis.call('GET', KEYS[2])}
 # trigger, atomically: all or nothing. KEYS: dedupe, stream, loop counter; ARGV: event JSON,
 # event id, dedupe TTL, round_every. Answers {1, entry id, 1 if this ranking claimed a round}
 # or {0, the earlier event id, 0}. The XADD comes first so that a failing XADD leaves no dedupe
-# key behind (the user may retry) and counts nothing.
-_STORE_ONCE = (
+# key behind (the user may retry) and counts nothing. The same call run twice (redis-py resends
+# a command whose reply a dropped connection lost) finds its own event id and answers stored,
+# so the user gets 201 for their ranking, not 409; the retry claims no round a second time.
+STORE_ONCE_LUA = (
     CLAIM_ROUND_LUA
     + """
 local previous = redis.call('GET', KEYS[1])
-if previous then
+if previous == ARGV[2] then
+  return {1, previous, 0}
+elseif previous then
   return {0, previous, 0}
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
@@ -130,7 +134,7 @@ class FeedbackService:
         self.settings = settings
         self._scripts = PipelinedScripts(client)
         self._admit_script = self._scripts.register(_ADMIT)
-        self._store_once = self._scripts.register(_STORE_ONCE)
+        self._store_once = self._scripts.register(STORE_ONCE_LUA)
         self.trigger = LoopTrigger(client, settings)
 
     async def _admit(

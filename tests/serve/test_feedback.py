@@ -18,7 +18,7 @@ import pytest
 import redis
 from openai import OpenAI
 
-from serve.feedback import FeedbackLog
+from serve.feedback import STORE_ONCE_LUA, FeedbackLog
 from serve.store import Completion, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.feedback_helpers import make_completion, save_completions
@@ -256,6 +256,26 @@ def test_a_lone_surrogate_in_the_comment_is_422_and_the_ranking_can_be_sent_agai
     good = api.post("/v1/feedback", content=fixed, headers={"content-type": "application/json"})
     assert good.status_code == 201, good.text
     assert [event["comment"] for event in events_of(completion.id)] == ["a whole one \U0001f600"]
+
+
+def test_one_post_run_twice_by_a_client_retry_is_stored_once_and_answered_stored(
+    redis_url: str,
+) -> None:
+    """redis-py resends a command whose reply a dropped connection lost: the user who sent one
+    ranking must get 201 for it, not 409, and the stream must hold it once."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    scope = uuid.uuid4().hex
+    keys = [f"test:{scope}:ranked", f"test:{scope}:stream", f"test:{scope}:count"]
+
+    def store(event_id: str) -> list:
+        return client.eval(STORE_ONCE_LUA, 3, *keys, f'{{"id": "{event_id}"}}', event_id, 60, 1000)
+
+    first, retried, other_post = store("fb-1"), store("fb-1"), store("fb-2")
+    assert first[0] == 1 and retried == [1, "fb-1", 0]
+    assert other_post == [0, "fb-1", 0]  # a second ranking by the same user is still refused
+    assert client.xlen(keys[1]) == 1 and client.get(keys[2]) == "1"
+    client.delete(*keys)
+    client.close()
 
 
 def test_200_concurrent_posts_store_exactly_one_event_per_201(server: Server) -> None:
