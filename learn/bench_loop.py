@@ -124,9 +124,12 @@ def eval_prompts(per_task: int) -> list[list[dict]]:
 
 
 async def _evaluate(
-    client: ServiceClient, prompts: list[list[dict]], args: argparse.Namespace
+    client: ServiceClient, prompts: list[list[dict]], args: argparse.Namespace, greedy: bool = False
 ) -> dict[str, Any]:
-    stats = await measure_rate(client, prompts, load_preference(args.preference), args.k)
+    """The live model's rate on ``prompts``: ``k`` sampled answers each (what users get), or
+    one greedy answer (``greedy``: the most likely answer, what sharpening alone could reach)."""
+    k, sampling = (1, {"temperature": 0.0}) if greedy else (args.k, {})
+    stats = await measure_rate(client, prompts, load_preference(args.preference), k, **sampling)
     version, best = max(stats.items(), key=lambda kv: kv[1].answers)
     return {"version": version, "rate": best.rate, "answers": best.answers}
 
@@ -135,7 +138,12 @@ async def _run(svc: Any, args: argparse.Namespace, deadline: Deadline) -> dict[s
     client = ServiceClient(svc.url, timeout_s=300)
     prompts = eval_prompts(args.eval_per_task)
     curve = [{"rankings": 0, **await _evaluate(client, prompts, args)}]
-    print(f"bench loop: start {curve[0]['version']} rate {curve[0]['rate']:.1%}", flush=True)
+    greedy = {"start": await _evaluate(client, prompts, args, greedy=True)}
+    print(
+        f"bench loop: start {curve[0]['version']} rate {curve[0]['rate']:.1%} "
+        f"(greedy {greedy['start']['rate']:.1%})",
+        flush=True,
+    )
     rounds: list[dict[str, Any]] = []
     users_view: dict[str, dict] = {}
     posted = 0
@@ -176,10 +184,14 @@ async def _run(svc: Any, args: argparse.Namespace, deadline: Deadline) -> dict[s
             f"to-live {_s(row.get('last_ranking_to_live_s'))}",
             flush=True,
         )
+    greedy["end"] = await _evaluate(client, prompts, args, greedy=True)
     await client.aclose()
     users_rate = {v: {"answers": u["answers"], "rate": u["score"] / u["answers"]}
                   for v, u in users_view.items() if u["answers"]}  # fmt: skip
-    return {"curve": curve, "rounds": rounds, "posted": posted, "users_view": users_rate}
+    return {
+        "curve": curve, "greedy": greedy, "rounds": rounds, "posted": posted,
+        "users_view": users_rate,
+    }  # fmt: skip
 
 
 def _round_row(record: dict[str, Any], last_ranking_at: float | None, posted: int) -> dict:
@@ -226,6 +238,9 @@ def _verdict(measured: dict[str, Any], kl_budget: float) -> dict[str, Any]:
         "best_at_rankings": best["rankings"],
         "gain_points_within_1000": 100 * (best["rate"] - start),
         "final_rate": curve[-1]["rate"],
+        # Sharpening the start model into its own most likely answers gains this much; more
+        # needs the policy to learn answers the start model does not rank first.
+        "greedy_headroom_points": 100 * (measured["greedy"]["start"]["rate"] - start),
         "rounds_promoted": sum(r["promoted"] for r in rounds),
         "last_ranking_to_live_s": {
             "max": max(live_times, default=None),
@@ -305,6 +320,12 @@ def _plot(result: dict[str, Any], out: str) -> Path:
         learning.annotate(p["version"], (p["rankings"], 100 * p["rate"]), fontsize=8)
     start = 100 * curve[0]["rate"]
     learning.axhline(start + 100 * TARGET_GAIN, color="red", ls="--", label="target: +20 points")
+    for moment, ls in (("start", ":"), ("end", "-.")):
+        point = result["greedy"][moment]
+        learning.axhline(
+            100 * point["rate"], color="green", ls=ls,
+            label=f"{point['version']} greedy ({moment})",
+        )  # fmt: skip
     learning.axvline(TARGET_WITHIN, color="grey", ls=":")
     learning.set(xlabel="rankings collected", ylabel="preferred-answer rate (%)")
     learning.set_title("learning curve (held-out prompts)")
