@@ -223,7 +223,7 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def _verdict(measured: dict[str, Any], kl_budget: float) -> dict[str, Any]:
+def verdict(measured: dict[str, Any], kl_budget: float) -> dict[str, Any]:
     """The targets, measured; ``kl_budget`` is PPO's KL-to-SFT target (nats per answer)."""
     curve, rounds = measured["curve"], measured["rounds"]
     start = curve[0]["rate"]
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "preference": args.preference,
         "loop_config": loop_config,
         "wall_minutes": (time.time() - started) / 60,
-        **_verdict(measured, kl_budget),
+        **verdict(measured, kl_budget),
         **measured,
     }
     path = write_result(args.out, NAME, result)
