@@ -9,7 +9,8 @@ waits for that round and measures:
 - **time to live**: from the batch's last ranking (its ``201``) to the first chat completion
   answered by the round's new version (its ``system_fingerprint``), when the gate promoted it;
 - **the learning curve**: the live model's preferred-answer rate (the share of right answers
-  among ``k`` sampled candidates) on a fixed set of held-out prompts, measured before any
+  among ``k`` sampled candidates) on a fixed set of held-out prompts whose questions no
+  simulated user asks (so the curve shows answers to new questions), measured before any
   ranking and after each round, against the number of rankings collected so far — with the
   round's KL to the SFT reference next to the gate's KL budget.
 
@@ -117,7 +118,7 @@ async def wait_for_version(client: ServiceClient, version: str, timeout_s: float
 
 
 def eval_prompts(per_task: int) -> list[list[dict]]:
-    """Fixed held-out prompts (a seed of their own, apart from the users' chats)."""
+    """Fixed held-out prompts (a seed of their own; the users' chats leave their questions out)."""
     from learn.corpus import prompts
 
     return [messages for _, messages in prompts(per_task, seed=1234, split="heldout")]
@@ -137,6 +138,7 @@ async def _evaluate(
 async def _run(svc: Any, args: argparse.Namespace, deadline: Deadline) -> dict[str, Any]:
     client = ServiceClient(svc.url, timeout_s=300)
     prompts = eval_prompts(args.eval_per_task)
+    asked = frozenset(m[-1]["content"] for m in prompts)  # the users never ask these
     curve = [{"rankings": 0, **await _evaluate(client, prompts, args)}]
     greedy = {"start": await _evaluate(client, prompts, args, greedy=True)}
     print(
@@ -153,6 +155,7 @@ async def _run(svc: Any, args: argparse.Namespace, deadline: Deadline) -> dict[s
         config = SimulationConfig(
             url=svc.url, users=args.users, rankings=args.round_every,
             preference=args.preference, k=args.k, seed=args.seed * 1000 + batch,
+            avoid=asked,
         )  # fmt: skip
         summary = await run_simulation(config)
         batch += 1

@@ -241,6 +241,9 @@ class SimulationConfig:
     temperature: float | None = None
     timeout_s: float = 120.0
     max_errors: int = 20
+    # User turns never to send: a benchmark's evaluation questions, so that what it measures
+    # is the model answering questions no simulated user asked (not on the command line).
+    avoid: frozenset[str] = frozenset()
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are usable)."""
@@ -312,7 +315,12 @@ class Simulation:
         self.preference = preference
         self.client = client
         self.summary = Summary(preference=config.preference)
-        self.scripts = chat_scripts(max(64, 4 * config.users), config.seed)
+        # About one chat per ranking to post: real users rarely ask the same thing twice, and
+        # a small pool repeated over many rankings teaches PPO those few questions only.
+        drawn = chat_scripts(max(64, 4 * config.users, config.rankings), config.seed)
+        self.scripts = [s for s in drawn if config.avoid.isdisjoint(s)]
+        if not self.scripts:
+            raise ValueError("every simulated chat asks a question in avoid")
         self._reserved = 0
         self._stop = asyncio.Event()
 

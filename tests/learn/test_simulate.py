@@ -14,6 +14,7 @@ import redis
 from learn.corpus import solve
 from learn.simulate import (
     PreferenceError,
+    Simulation,
     SimulationConfig,
     chat_scripts,
     feedback_body,
@@ -114,6 +115,15 @@ def test_chats_are_held_out_questions_with_follow_ups_after_their_base_question(
     for turns in scripts:
         messages = [{"role": "user", "content": text} for text in turns]
         assert solve(messages) is not None, turns  # the checker understands every turn
+
+
+def test_users_draw_about_one_chat_per_ranking_and_never_ask_an_avoided_question() -> None:
+    correctness = load_preference("correctness")
+    few = Simulation(SimulationConfig(rankings=10), correctness, client=None)
+    avoid = frozenset(turn for turns in few.scripts[:10] for turn in turns)
+    many = Simulation(SimulationConfig(rankings=600, avoid=avoid), correctness, client=None)
+    assert len(few.scripts) < 100 < 400 < len(many.scripts)
+    assert all(avoid.isdisjoint(turns) for turns in many.scripts)
 
 
 @pytest.mark.parametrize(
