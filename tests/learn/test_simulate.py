@@ -131,6 +131,7 @@ def test_users_draw_about_one_chat_per_ranking_and_never_ask_an_avoided_question
     [
         (["--k", "5"], "--k must be 2, 3 or 4"),
         (["--users", "0"], "--users must be at least 1"),
+        (["--topics", "0"], "--topics must be at least 1"),
         (["--url", "127.0.0.1:8000"], "--url must be an http(s) URL"),
         (["--preference", "nope"], "unknown preference"),
     ],
@@ -150,8 +151,9 @@ def test_a_simulation_posts_exactly_the_rankings_it_reports(
     server = start_server(tiny_model, tmp_path / "data", redis_url, engine="hf")
     try:
         config = SimulationConfig(
-            url=server.url, users=3, rankings=12, preference="brevity", k=3, max_tokens=8
-        )
+            url=server.url, users=3, rankings=12, preference="brevity", k=3, max_tokens=8,
+            topics=2,
+        )  # fmt: skip
         summary = asyncio.run(run_simulation(config))
         assert summary.rankings == 12 and not summary.errors
         assert summary.versions["v1"].answers == 3 * summary.completions
@@ -161,7 +163,7 @@ def test_a_simulation_posts_exactly_the_rankings_it_reports(
         assert sorted(e["id"] for e in events) == sorted(summary.feedback_ids)
         assert {e["user"] for e in events} <= {f"sim-0-{i}" for i in range(3)}
         assert all(len(e["candidates"]) == 3 and e["version"] == "v1" for e in events)
-        assert sum(len(e["messages"]) > 1 for e in events) > 0  # multi-turn chats
+        assert sum(len(e["messages"]) > 1 for e in events) > 0  # two topics: multi-turn chats
 
         cli = subprocess.run(
             [sys.executable, "-m", "serve.cli", "simulate", "--url", server.url, "--users", "2",
