@@ -1,8 +1,9 @@
 """The vLLM engine: ``AsyncLLM`` inside the API process (its engine core runs in a child process).
 
 A swap reloads the weights in place instead of restarting the engine (~0.1 s instead of ~35 s on
-CPU): pause → ``reload_weights`` → reset the prefix cache (it holds the old weights' KV, and
-would otherwise serve stale attention for prompts seen before) → resume.
+CPU): pause → ``reload_weights`` and the tied output head re-packed (``serve.engine.vllm_worker``:
+vLLM leaves it packed from the old weights) → reset the prefix cache (it holds the old weights'
+KV, and would otherwise serve stale attention for prompts seen before) → resume.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class VLLMEngine(Engine):
             max_model_len=self.max_model_len,
             dtype="float32",
             disable_log_stats=True,
+            worker_extension_cls="serve.engine.vllm_worker.WeightReloadExtension",
         )
         # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
         self._llm = AsyncLLM.from_engine_args(args)
@@ -61,7 +63,9 @@ class VLLMEngine(Engine):
     async def _reload(self, model_dir: str) -> None:
         await self._llm.pause_generation(mode="wait")
         try:
-            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+            await self._llm.collective_rpc(
+                "reload_weights_and_head", kwargs={"weights_path": model_dir}
+            )
             await self._llm.reset_prefix_cache()
         finally:
             await self._llm.resume_generation()

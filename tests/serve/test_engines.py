@@ -216,6 +216,36 @@ def test_swap_lets_in_flight_requests_finish_on_the_old_version(
     assert engine.version == "v3"
 
 
+def test_a_swapped_in_checkpoint_answers_exactly_as_transformers_does(
+    engine: Engine, models: tuple[Path, Path], loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """The whole new model answers, its tied output head included: vLLM's in-place reload left
+    the head packed from the first checkpoint's embeddings on CPU (``serve.engine.vllm_worker``)."""
+    words = ["hello there", "good morning", "spell cat", "thanks", "what colour is grass?"]
+    reference = make_engine("hf", models[1], "ref", Settings(data_dir=tmp_path))
+
+    async def greedy(target: Engine, tag: str) -> list[str]:
+        """Each answer's text, without the half characters the engines render differently."""
+        answers = [
+            texts(await run(target, f"{tag}{i}", w, GREEDY), 1)[0] for i, w in enumerate(words)
+        ]
+        return [a.replace("\ufffd", "") for a in answers]
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        await reference.start()
+        expected = await greedy(reference, "r")
+        await reference.shutdown()
+        first = await greedy(engine, "f")
+        await engine.swap(models[1], "v-b")
+        swapped = await greedy(engine, "s")
+        await engine.swap(models[0], "v-a")
+        return expected, first, swapped
+
+    expected, first, swapped = loop.run_until_complete(scenario())
+    assert first != expected  # the two checkpoints answer differently
+    assert swapped == expected
+
+
 def test_hf_engine_runs_generation_off_the_event_loop(
     models: tuple[Path, Path], tmp_path: Path
 ) -> None:
