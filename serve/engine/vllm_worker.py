@@ -20,19 +20,16 @@ from typing import Any
 class WeightReloadExtension:
     """Mixed into vLLM's worker class; its methods are callable through ``collective_rpc``."""
 
-    def reload_weights_and_head(self: Any, weights_path: str) -> bool:
-        """``reload_weights`` from ``weights_path``, then the tied head re-processed.
-
-        Returns whether the head was tied (re-processed), for the caller's log and tests."""
+    def reload_weights_and_head(self: Any, weights_path: str) -> None:
+        """``reload_weights`` from ``weights_path``, then the tied head re-processed."""
         self.reload_weights(weights_path=weights_path)
-        return refresh_tied_head(self.get_model())
+        refresh_tied_head(self.get_model())
 
 
-def refresh_tied_head(model: Any) -> bool:
-    """Re-pack a tied output head from the embedding it shares; False when it is not tied."""
+def refresh_tied_head(model: Any) -> None:
+    """Re-pack a tied output head from the embedding it shares (an untied head was loaded, and
+    so re-processed, by ``reload_weights`` itself)."""
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)  # vLLM's decoder layout
-    if head is None or embed is None or getattr(head, "weight", None) is not embed.weight:
-        return False
-    head.quant_method.process_weights_after_loading(head)
-    return True
+    if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
+        head.quant_method.process_weights_after_loading(head)
