@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-from learn.ppo import encode_prompt, sequence_logprobs
+from learn.modeling import load_causal_lm
 from learn.reward import load_reward_model, score
-from serve.feedback import normalise_ranking, ranking_pairs
+from learn.tokens import answer_ids, answer_logprobs, encode_prompt
+from serve.events import Messages, normalise_ranking, ranking_pairs
 from serve.registry import weights_finite
-
-Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -75,42 +74,12 @@ class GateConfig:
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both models)."})
 
 
-def load_policy(model_dir: Path) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def encode(
     tokenizer: Any, messages: Messages, answer: list[int], config: GateConfig
 ) -> tuple[list[int], int]:
     """Token ids of prompt + answer, and where the answer starts."""
     prompt = encode_prompt(tokenizer, messages, config.max_prompt_length)
     return prompt + answer, len(prompt)
-
-
-def answer_ids(tokenizer: Any, text: str) -> list[int]:
-    """An answer as the policy produces it: its tokens, then end-of-turn."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-@torch.no_grad()
-def answer_logprob(
-    model: PreTrainedModel, sequences: list[tuple[list[int], int]], pad_id: int, batch: int = 32
-) -> torch.Tensor:
-    """Total log-probability of each answer given its prompt: ``[(ids, answer_start), …]``."""
-    totals = []
-    for first in range(0, len(sequences), batch):
-        chunk = sequences[first : first + batch]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for row, (ids, start) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            answer_mask[row, start : len(ids)] = True
-        logprobs = sequence_logprobs(model, input_ids, attention)  # [B, T-1]: of ids[t+1]
-        totals.append((logprobs * answer_mask[:, 1:]).sum(dim=1))
-    return torch.cat(totals)
 
 
 @torch.no_grad()
@@ -143,6 +112,7 @@ def sample_answers(
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
+@torch.no_grad()
 def agreement(
     model: PreTrainedModel, tokenizer: Any, events: list[dict], config: GateConfig
 ) -> torch.Tensor:
@@ -155,7 +125,7 @@ def agreement(
             encode(tokenizer, event["messages"], answer_ids(tokenizer, c), config)
             for c in event["candidates"]
         ]
-    logp = answer_logprob(model, sequences, tokenizer.pad_token_id)
+    logp = answer_logprobs(model, sequences, tokenizer.pad_token_id)
     hits = []
     for event, offset in zip(events, offsets, strict=True):
         for better, worse in ranking_pairs(normalise_ranking(event["ranking"])):
@@ -175,6 +145,7 @@ def worse_beyond_noise(
     return difference.mean().item() < -max(tolerance, significance * spread)
 
 
+@torch.no_grad()
 def evaluate_gate(
     candidate_dir: Path,
     live_dir: Path,
@@ -201,12 +172,12 @@ def evaluate_gate(
     tokenizer = AutoTokenizer.from_pretrained(candidate_dir)
     prompts = prompts[: config.prompts]
     try:
-        candidate = load_policy(candidate_dir)
+        candidate = load_causal_lm(candidate_dir)
         cand_answers = sample_answers(candidate, tokenizer, prompts, config)
         sequences = [
             encode(tokenizer, p, a, config) for p, a in zip(prompts, cand_answers, strict=True)
         ]
-        cand_logp = answer_logprob(candidate, sequences, tokenizer.pad_token_id)
+        cand_logp = answer_logprobs(candidate, sequences, tokenizer.pad_token_id)
     except Exception as exc:  # any failure to load or run is the verdict, not a crash
         result["generates"] = False
         result["reasons"].append(f"does not load and generate: {type(exc).__name__}: {exc}")
@@ -216,8 +187,8 @@ def evaluate_gate(
         result["reasons"].append("generated answers have non-finite log-probabilities")
         return verdict()
 
-    live = load_policy(live_dir)
-    live_logp = answer_logprob(live, sequences, tokenizer.pad_token_id)
+    live = load_causal_lm(live_dir)
+    live_logp = answer_logprobs(live, sequences, tokenizer.pad_token_id)
     result["kl"] = float((cand_logp - live_logp).mean())
     if result["kl"] > config.kl_budget:
         result["reasons"].append(f"KL to live {result['kl']:.3f} > budget {config.kl_budget}")

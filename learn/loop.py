@@ -9,7 +9,7 @@ A second round that finds it taken returns ``{"skipped": …}`` at once; the ran
 have used stay in the stream for the next round.
 
 **Which rankings.** New rankings come from the feedback stream through the consumer group
-(``serve.feedback.FeedbackLog``). While a round holds the lock no other round runs, so anything
+(``serve.events.FeedbackLog``). While a round holds the lock no other round runs, so anything
 still pending in the group was left by a round that died: the round first reclaims all of it
 (``reclaim_idle_ms``, default 0), then reads new entries, and acks them only after it is
 committed.
@@ -74,23 +74,27 @@ from typing import Any
 import redis
 from redis.exceptions import LockError
 
-from learn.corpus import pretrain_texts
+from learn.data import ptx_texts
 from learn.gate import GateConfig, evaluate_gate
 from learn.ppo import PPOConfig, train_ppo
 from learn.reward import RewardConfig, train_reward_model
-from serve.feedback import FeedbackLog, normalise_ranking, ranking_pairs
+from serve.events import (
+    COUNTED,
+    LAST_ID,
+    ROUND_LOCK,
+    ROUNDS,
+    FeedbackEvent,
+    FeedbackLog,
+    has_preference,
+    round_key,
+)
 from serve.registry import Registry
 from serve.settings import Settings
-from serve.store import key, resolve_redis_url, sync_client
+from serve.store import resolve_redis_url, sync_client
 
-ROUNDS = key("loop", "rounds")
-LAST_ID = key("loop", "last_id")
-COUNTED = key("loop", "counted")
-LOCK = key("loop", "lock")
 ROUND_TTL_S = 7 * 24 * 3600
 
-Event = dict[str, Any]
-Entry = tuple[str, Event]
+Entry = tuple[str, FeedbackEvent]
 
 
 @dataclass
@@ -131,7 +135,11 @@ class LoopConfig:
         },
     )
     ptx_texts: int = field(
-        default=256, metadata={"help": "Pre-training texts for the PPO-ptx term (0 = no ptx)."}
+        default=256,
+        metadata={
+            "help": "Pre-training texts drawn for the PPO-ptx term (0 = no ptx); where they "
+            "come from is the LOOPCHAT_PTX setting."
+        },
     )
     lock_ttl_s: float = field(
         default=60.0,
@@ -206,7 +214,7 @@ class RoundLock:
 
     def __init__(self, client: redis.Redis, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self.lock = client.lock(LOCK, timeout=ttl_s, blocking=False, thread_local=False)
+        self.lock = client.lock(ROUND_LOCK, timeout=ttl_s, blocking=False, thread_local=False)
         self.held = False
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -252,11 +260,6 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def has_preference(event: Event) -> bool:
-    """Whether a ranking orders at least two answers (all-bad or all-tied rankings don't)."""
-    return next(ranking_pairs(normalise_ranking(event["ranking"])), None) is not None
-
-
 def split_recent(
     entries: list[Entry], fraction: float, cap: int
 ) -> tuple[list[Entry], list[Entry]]:
@@ -268,7 +271,7 @@ def split_recent(
     return entries[:-n_held], entries[-n_held:]
 
 
-def recent_prompts(events: list[Event], limit: int) -> list[list[dict]]:
+def recent_prompts(events: list[FeedbackEvent], limit: int) -> list[list[dict]]:
     """Distinct prompt conversations, most recent first (InstructGPT drew PPO prompts from
     real API traffic; these are what users actually asked)."""
     seen: set[str] = set()
@@ -303,16 +306,15 @@ def reference_version(registry: Registry, live: str) -> str:
 def live_policy(registry: Registry, settings: Settings) -> tuple[str, Path]:
     """The live version and its directory; registers the configured or built-in model if the
     worker is the first process to run (normally ``loopchat up`` has done it)."""
-    live = registry.alias("live")
-    if live is not None:
-        return live, registry.local_path(live)
-    if settings.model:
-        model_dir = Path(settings.model)
-    else:
-        from learn.builtin import ensure_builtin_model
 
-        model_dir = ensure_builtin_model(settings.data_dir)
-    return registry.ensure_live(model_dir)
+    def first_model() -> Path:
+        if settings.model:
+            return Path(settings.model)
+        from learn.bootstrap import ensure_builtin_model
+
+        return ensure_builtin_model(settings.data_dir)
+
+    return registry.ensure_live(first_model)
 
 
 def run_round(
@@ -325,7 +327,7 @@ def run_round(
     config = config or LoopConfig.from_settings(settings)
     round_id = round_id or f"manual-{uuid.uuid4().hex[:12]}"
     client = sync_client(resolve_redis_url(settings))
-    done = client.get(key("loop", "round", round_id))
+    done = client.get(round_key(round_id))
     if done:
         return {**json.loads(done), "replayed": True}
     with RoundLock(client, config.lock_ttl_s) as lock:
@@ -434,7 +436,7 @@ def _round(
             registry.local_path(reference),
             rm_dir,
             prompts,
-            pretrain_texts(config.ptx_texts, config.seed) if config.ptx_texts else None,
+            ptx_texts(settings.ptx, registry.local_path(reference), config.ptx_texts, config.seed),
             work / "policy",
             config.ppo,
         )
@@ -509,7 +511,7 @@ def _commit(
     last = client.get(LAST_ID)
     pipe = client.pipeline(transaction=True)
     pipe.sadd(COUNTED, *entry_ids)
-    pipe.set(key("loop", "round", record["round"]), raw, ex=ROUND_TTL_S)
+    pipe.set(round_key(record["round"]), raw, ex=ROUND_TTL_S)
     pipe.rpush(ROUNDS, raw)
     pipe.ltrim(ROUNDS, -keep, -1)
     if last is None or stream_order(entry_ids[-1]) > stream_order(last):

@@ -21,8 +21,6 @@ there). Right padding keeps position ids plain and never leaves a query row full
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import random
@@ -37,18 +35,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
-from learn.presets import save_model
-from learn.reward import (
-    check_model_dir,
-    last_token_rewards,
-    load_reward_model,
-    normalize_rewards,
-    resolve_device,
+from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
+from learn.reward import check_model_dir, last_token_rewards, load_reward_model, normalize_rewards
+from learn.tokens import (
+    Rollout,
+    encode_prompt,
+    make_rollout,
+    pack_texts,
+    sequence_logprobs,
 )
+from serve.events import Messages
 
 logger = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -141,64 +139,7 @@ class PPOConfig:
             raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
 
 
-# --- batches of prompt + answer ------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """Prompts and sampled answers as right-padded tensors (see the module docstring)."""
-
-    input_ids: torch.Tensor  # (B, L) prompt + answer, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    response_index: torch.Tensor  # (B, R) position predicting answer token t
-    responses: torch.Tensor  # (B, R) answer tokens, pad after the end
-    response_mask: torch.Tensor  # (B, R) float, 1 on answer tokens
-    ended: torch.Tensor  # (B,) bool: the answer closed with end-of-turn
-
-    def select(self, rows: torch.Tensor) -> Rollout:
-        return Rollout(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
-
-    def to(self, device: torch.device) -> Rollout:
-        return Rollout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-    def answer_mask(self) -> torch.Tensor:
-        """(B, L) bool: where the answer's tokens stand in ``input_ids`` (what the reward
-        model's likelihood term averages over)."""
-        start = self.response_index[:, :1] + 1
-        length = self.response_mask.sum(1, keepdim=True).long()
-        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
-        return (positions >= start) & (positions < start + length)
-
-
-def make_rollout(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, eos_id: int
-) -> Rollout:
-    """Lay out prompt + answer pairs (every answer at least one token long)."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    r_width = max(len(r) for r in responses)
-    n = len(prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    response_index = torch.zeros((n, r_width), dtype=torch.long)
-    response_tokens = torch.full((n, r_width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((n, r_width))
-    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids = torch.tensor([*p, *r], dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        response_index[row] = (len(p) - 1 + torch.arange(r_width)).clamp(max=len(ids) - 2)
-        response_tokens[row, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[row, : len(r)] = 1.0
-    ended = torch.tensor([len(r) > 0 and r[-1] == eos_id for r in responses])
-    return Rollout(input_ids, attention_mask, response_index, response_tokens, response_mask, ended)
-
-
-def encode_prompt(tokenizer: Any, messages: Messages, max_length: int) -> list[int]:
-    """The conversation through the chat template, ending where the assistant answers."""
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return list(ids)[-max_length:]
+# --- batches of prompts ------------------------------------------------------------------------
 
 
 def prompt_batches(n_prompts: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
@@ -209,17 +150,6 @@ def prompt_batches(n_prompts: int, batch_size: int, rng: random.Random) -> Itera
             order += rng.sample(range(n_prompts), n_prompts)
         yield order[:batch_size]
         order = order[batch_size:]
-
-
-def pack_ptx(tokenizer: Any, texts: Sequence[str], length: int) -> torch.Tensor:
-    """Pre-training text as (N, length) blocks of token ids (texts joined by end-of-turn)."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(ids) < length:  # too little text for one block: repeat it
-        ids = ids * (length // len(ids) + 1)
-    n = len(ids) // length
-    return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
 
 
 # --- the policy with a value head ----------------------------------------------------------------
@@ -249,26 +179,6 @@ class PolicyWithValue(nn.Module):
         hidden = hidden.gather(1, index)
         logits = self.lm.get_output_embeddings()(hidden).float() / temperature
         return logits, self.value_head(hidden).squeeze(-1).float()
-
-
-def sequence_logprobs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-token log-probs (B, T−1): entry t is log p(input_ids[t+1] | input_ids[..t]).
-
-    Positions whose target is padding are 0. Works with left or right padding (position ids
-    follow the attention mask).
-    """
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        use_cache=False,
-    ).logits[:, :-1]  # fmt: skip
-    logprobs = rlhf.logprobs_from_logits(logits.float() / temperature, input_ids[:, 1:])
-    return logprobs * attention_mask[:, 1:]
 
 
 # --- samplers ------------------------------------------------------------------------------------
@@ -489,17 +399,7 @@ def ppo_minibatch_step(
     return stats
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 # --- the run -------------------------------------------------------------------------------------
-
-
-def load_frozen(model_dir: str | Path) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model
 
 
 def train_ppo(
@@ -528,14 +428,17 @@ def train_ppo(
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(str(policy_dir))).to(device)
-    ref, rm = load_frozen(ref_dir).to(device), load_reward_model(reward_dir).to(device)
+    ref, rm = (
+        load_causal_lm(ref_dir, frozen=True).to(device),
+        load_reward_model(reward_dir).to(device),
+    )
     rm.requires_grad_(False)
     for name, other in (("reference", ref), ("reward model", rm)):
         if other.config.vocab_size != policy.lm.config.vocab_size:
             raise ValueError(f"the {name} does not share the policy's vocabulary")
     prompt_ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
     ptx = (
-        pack_ptx(tokenizer, ptx_texts, config.ptx_length).to(device)
+        pack_texts(tokenizer, ptx_texts, config.ptx_length).to(device)
         if ptx_texts and config.ptx_coef > 0
         else None
     )
@@ -667,70 +570,3 @@ def summarize(
 
 def _format(stats: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in stats.items())
-
-
-# --- `loopchat train ppo` ------------------------------------------------------------------------
-
-
-def read_prompts(path: str) -> list[Messages]:
-    """Distinct prompts from JSONL rows with ``messages`` (rankings exports, chat logs, SFT
-    conversations); a conversation that ends with answers is cut back to its last user turn."""
-    from learn.reward import read_jsonl
-    from serve.cli import CLIError
-
-    prompts, seen = [], set()
-    for number, row in enumerate(read_jsonl(path, "--prompts"), 1):
-        messages = row.get("messages")
-        ok = isinstance(messages, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-        )
-        while ok and messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        if not ok or not messages:
-            raise CLIError(f"--prompts {path}: row {number} has no 'messages' conversation")
-        fingerprint = json.dumps(messages, sort_keys=True)
-        if fingerprint not in seen:
-            seen.add(fingerprint)
-            prompts.append(messages)
-    if not prompts:
-        raise CLIError(f"--prompts {path}: no prompts")
-    return prompts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from learn.cli_train import add_config_arguments
-
-    parser.add_argument("--policy", required=True, metavar="DIR", help="Policy to improve.")
-    parser.add_argument(
-        "--ref", metavar="DIR", help="Frozen SFT reference of the KL penalty (default: --policy)."
-    )
-    parser.add_argument("--reward", required=True, metavar="DIR", help="Reward model directory.")
-    parser.add_argument(
-        "--prompts", required=True, metavar="FILE",
-        help="JSONL rows with 'messages' (e.g. a rankings export): the prompts to answer.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ptx", nargs="+", metavar="FILE",
-        help="Pre-training text for PPO-ptx (.txt or JSONL 'text'); default: no ptx term.",
-    )  # fmt: skip
-    parser.add_argument("--out", required=True, metavar="DIR", help="Policy written here.")
-    add_config_arguments(parser, PPOConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from learn.cli_train import config_from_args
-    from learn.pretrain import read_texts
-    from serve.cli import CLIError
-
-    config = config_from_args(args, PPOConfig)
-    prompts = read_prompts(args.prompts)
-    try:
-        ptx_texts = read_texts(args.ptx) if args.ptx else None
-        metrics = train_ppo(
-            args.policy, args.ref or args.policy, args.reward, prompts, ptx_texts, args.out, config
-        )
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from None
-    print(json.dumps(metrics))
-    print(f"policy written to {args.out}")
-    return 0

@@ -16,7 +16,6 @@ positions it will see at inference, while no compute is spent on padding.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -30,7 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from learn.presets import PRESETS, new_model, save_model
+from learn.builtin.presets import PRESETS, new_model
+from learn.data import read_texts
+from learn.modeling import save_model
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -132,37 +133,6 @@ class PretrainConfig(TrainConfig):
 
 
 # --- data -----------------------------------------------------------------------------------
-
-
-def read_texts(files: Iterable[str], text_field: str = "text") -> list[str]:
-    """Documents from .txt files (split at blank lines) and .jsonl files (``text_field``)."""
-    paths: list[Path] = []
-    for name in files:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json"))
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise ValueError(f"{name}: no such file or folder")
-    docs: list[str] = []
-    for path in paths:
-        if path.suffix == ".txt":
-            docs += [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
-            continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise ValueError(f"{path}:{number}: no string field {text_field!r}")
-            docs.append(row[text_field])
-    if not docs:
-        raise ValueError("no documents found in the training files")
-    return docs
 
 
 @dataclass
@@ -431,8 +401,8 @@ def train_causal_lm(
 
 def pretrain(config: PretrainConfig) -> dict:
     """Pre-train per ``config``; returns the metrics (the model is in ``output_dir``)."""
-    from learn import corpus
-    from learn.tokenizer import train_tokenizer
+    from learn.builtin import corpus
+    from learn.builtin.tokenizer import train_tokenizer
 
     if config.train_files:
         texts = read_texts(config.train_files, config.text_field)
@@ -460,18 +430,3 @@ def pretrain(config: PretrainConfig) -> dict:
     train = pack(text_docs(tokenizer, train_texts), config.seq_len, pad)
     evaluation = pack(text_docs(tokenizer, eval_texts), config.seq_len, pad) if n_eval else None
     return train_causal_lm(model, tokenizer, train, config, evaluation, desc="pretrain")
-
-
-# --- `loopchat train pretrain` ----------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from learn.cli_train import add_config_arguments
-
-    add_config_arguments(parser, PretrainConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from learn.cli_train import config_from_args, run_stage
-
-    return run_stage(pretrain, config_from_args(args, PretrainConfig))

@@ -26,8 +26,6 @@ model, plus the tokenizer) that ``load_reward_model`` reads back.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 import time
@@ -45,12 +43,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from learn.modeling import resolve_device
 from learn.rlhf import batch_pairs, pairwise_accuracy, pairwise_ranking_loss
-from serve.feedback import normalise_ranking, ranking_pairs, ranking_problem
+from learn.tokens import Encoded, encode_answer, pad_right
+from serve.events import Messages, normalise_ranking, ranking_pairs, ranking_problem
 
 logger = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -117,32 +115,12 @@ class RewardConfig:
 # --- data: feedback events -> token ids and rankings ---------------------------------------------
 
 
-Encoded = tuple[list[int], int]  # prompt + answer token ids, and where the answer starts
-
-
 @dataclass
 class RankedAnswers:
     """One ranking: each candidate encoded (prompt + answer, answer start) and its tie groups."""
 
     sequences: list[Encoded]
     ranking: list[list[int]]
-
-
-def encode_answer(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, answer: str, max_length: int
-) -> Encoded:
-    """Prompt and answer through the chat template, and the index of the answer's first token.
-
-    The last token is the answer's end-of-turn. Too-long conversations lose their beginning,
-    never the answer's end that the head reads.
-    """
-    conversation = [*messages, {"role": "assistant", "content": answer}]
-    ids = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False))
-    prompt = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    cut = max(0, len(ids) - max_length)
-    return ids[cut:], max(1, len(prompt) - cut)
 
 
 def encode_events(
@@ -173,21 +151,6 @@ def encode_events(
     return encoded
 
 
-def pad_right(
-    sequences: Sequence[Encoded], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, answer_mask), right-padded to the longest sequence."""
-    width = max(len(ids) for ids, _ in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    answer = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (seq, start) in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-        answer[row, start : len(seq)] = True
-    return ids, mask, answer
-
-
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -204,13 +167,6 @@ def init_reward_model(init_dir: str | Path, seed: int) -> tuple[PreTrainedModel,
         str(init_dir), num_labels=1, dtype=torch.float32
     )
     return model, warm
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the GPU when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_model_dir(model_dir: str | Path) -> None:
@@ -516,63 +472,3 @@ def score(
         rewards.append(last_token_rewards(rm, ids, mask, answer))
     raw = torch.cat(rewards).cpu() if rewards else torch.zeros(0)
     return normalize_rewards(rm, raw) if normalize else raw
-
-
-# --- `loopchat train reward` ---------------------------------------------------------------------
-
-
-def read_jsonl(path: str, flag: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a missing file or a bad line is a CLI error naming it."""
-    from serve.cli import CLIError
-
-    try:
-        lines = Path(path).expanduser().read_text().splitlines()
-    except OSError as exc:
-        raise CLIError(f"{flag} {path}: {exc.strerror or exc}") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"{flag} {path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise CLIError(f"{flag} {path}:{number}: expected a JSON object")
-        rows.append(row)
-    return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from learn.cli_train import add_config_arguments
-
-    parser.add_argument(
-        "--data", required=True, metavar="FILE",
-        help="Rankings JSONL: feedback events (`loopchat feedback export --format rankings`).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--init", required=True, metavar="DIR",
-        help="SFT policy to start from, or a previous reward model to refresh (warm start).",
-    )  # fmt: skip
-    parser.add_argument("--out", required=True, metavar="DIR", help="Reward model written here.")
-    parser.add_argument(
-        "--heldout", metavar="FILE",
-        help="Held-out rankings JSONL (default: the most recent --heldout-fraction of --data).",
-    )  # fmt: skip
-    add_config_arguments(parser, RewardConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from learn.cli_train import config_from_args
-    from serve.cli import CLIError
-
-    config = config_from_args(args, RewardConfig)
-    events = read_jsonl(args.data, "--data")
-    heldout = read_jsonl(args.heldout, "--heldout") if args.heldout else None
-    try:
-        metrics = train_reward_model(events, args.init, args.out, config, heldout)
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from None
-    print(json.dumps(metrics))
-    print(f"reward model written to {args.out}")
-    return 0

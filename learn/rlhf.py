@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from serve.feedback import normalise_ranking, ranking_pairs
+from serve.events import normalise_ranking, ranking_pairs
 
 Ranking = Sequence[Sequence[int] | int]
 
@@ -41,7 +41,7 @@ def batch_pairs(
 
     Ranking ``j`` ranks answers ``offset_j .. offset_j + sizes[j] − 1`` of the batch. Returns
     ``pairs`` (P, 2) of (winner, loser) and ``pair_ranking`` (P,), the ranking each pair came
-    from. Pair expansion is the one the feedback route counts with (``serve.feedback``): every
+    from. Pair expansion is the one the feedback route counts with (``serve.events``): every
     (better, worse) pair across tie groups, none inside a group; C(K, 2) pairs without ties.
     """
     pairs: list[tuple[int, int]] = []

@@ -14,7 +14,6 @@ the starting point.
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass, field
 
@@ -170,7 +169,7 @@ def pack_conversations(
 
 def sft(config: SFTConfig) -> dict:
     """Fine-tune per ``config``; returns the metrics (the model is in ``output_dir``)."""
-    from learn import corpus
+    from learn.builtin import corpus
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     if not tokenizer.chat_template:
@@ -194,18 +193,3 @@ def sft(config: SFTConfig) -> dict:
     rows = pack_conversations(tokenizer, train, config.seq_len)
     eval_rows = pack_conversations(tokenizer, evaluation, config.seq_len) if evaluation else None
     return train_causal_lm(model, tokenizer, rows, config, eval_rows, desc="sft")
-
-
-# --- `loopchat train sft` -------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from learn.cli_train import add_config_arguments
-
-    add_config_arguments(parser, SFTConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from learn.cli_train import config_from_args, run_stage
-
-    return run_stage(sft, config_from_args(args, SFTConfig))

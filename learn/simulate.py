@@ -8,14 +8,14 @@ ranking to ``POST /v1/feedback``. It never reads Redis or imports the server: if
 contract breaks, the simulation breaks.
 
 Each user holds multi-turn chats made of the built-in corpus' *held-out* prompts
-(``learn.corpus.prompts``), so the rankings judge answers to questions the model never trained
-on. A follow-up prompt ("And plus 5?") is asked after its base question, with the user's
-favourite answer to the base question kept in the history, so follow-ups really depend on what
-the model said before. Every turn is ranked.
+(``learn.builtin.corpus.prompts``), so the rankings judge answers to questions the model
+never trained on. A follow-up prompt ("And plus 5?") is asked after its base question, with the
+user's favourite answer to the base question kept in the history, so follow-ups really depend
+on what the model said before. Every turn is ranked.
 
 A *preference* maps ``(messages, candidates)`` to one score per candidate, higher is better;
 equal scores are ties, and a turn whose candidates all score 0 is posted as "all bad". The
-built-in ones (``correctness``, ``brevity``, ``politeness``) come from ``learn.corpus`` and
+built-in ones (``correctness``, ``brevity``, ``politeness``) come from ``learn.builtin.corpus`` and
 score in [0, 1]; any ``module:function`` with the same signature works too. The summary's
 *preferred-answer rate* of a version is the mean score of the candidates it produced (for
 ``correctness``: the share of right answers), grouped by ``system_fingerprint``, so a run that
@@ -24,10 +24,8 @@ spans a hot swap shows each version separately.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
-import json
 import math
 import random
 import time
@@ -37,8 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-
-from serve.cli import CLIError
 
 Messages = list[dict[str, str]]
 Preference = Callable[[Messages, list[str]], Sequence[float]]
@@ -52,13 +48,13 @@ def _per_answer(score: Callable[[Messages, str], float]) -> Preference:
 
 
 def builtin_preferences() -> dict[str, Preference]:
-    """The built-in simulated users' tastes, all scoring in [0, 1] (from ``learn.corpus``)."""
-    from learn import corpus
+    """The built-in simulated users' tastes, all scoring in [0, 1] (``learn.builtin.grader``)."""
+    from learn.builtin import grader
 
     return {
-        "correctness": _per_answer(corpus.correctness),
-        "brevity": _per_answer(lambda messages, answer: corpus.brevity(answer)),
-        "politeness": _per_answer(lambda messages, answer: corpus.politeness(answer)),
+        "correctness": _per_answer(grader.correctness),
+        "brevity": _per_answer(lambda messages, answer: grader.brevity(answer)),
+        "politeness": _per_answer(lambda messages, answer: grader.politeness(answer)),
     }
 
 
@@ -129,7 +125,7 @@ def chat_scripts(count: int, seed: int) -> list[list[str]]:
     context; here the base question becomes the chat's first turn, so the follow-up is asked
     after the model's own answer.
     """
-    from learn import corpus
+    from learn.builtin import corpus
 
     per_task = max(1, math.ceil(count / len(corpus.BENCH_TASKS)))
     return [
@@ -305,6 +301,35 @@ class ServiceClient:
         await self.http.aclose()
 
 
+async def wait_for_round(
+    url: str, admin_headers: dict[str, str], known: set[str], timeout_s: float
+) -> dict[str, Any] | None:
+    """The first round record (``GET /admin/loop``) whose id is not in ``known``, or None."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=url, headers=admin_headers, timeout=30) as admin:
+        while time.monotonic() < deadline:
+            response = await admin.get("/admin/loop", params={"rounds": 1000})
+            response.raise_for_status()
+            for record in response.json()["rounds"]:
+                if record["round"] not in known:
+                    return record
+            await asyncio.sleep(0.5)
+    return None
+
+
+async def wait_for_version(client: ServiceClient, version: str, timeout_s: float) -> float | None:
+    """Wall time (``time.time()``) of the first chat completion answered by ``version``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = await client.complete(
+            [{"role": "user", "content": "Hi!"}], 1, "probe", max_tokens=1
+        )
+        if reply.system_fingerprint == version:
+            return time.time()
+        await asyncio.sleep(0.05)
+    return None
+
+
 def _error_name(exc: Exception) -> str:
     status = getattr(exc, "status_code", None)
     return f"chat {status}" if status else f"chat {type(exc).__name__}"
@@ -448,63 +473,3 @@ async def measure_rate(
 
     await asyncio.gather(*(one(p) for p in prompts))
     return stats
-
-
-def register(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="The service's base URL.")
-    parser.add_argument("--users", type=int, default=4, help="Concurrent simulated users.")
-    parser.add_argument("--rankings", type=int, default=100, help="Rankings to post in all.")
-    parser.add_argument(
-        "--preference",
-        default="correctness",
-        help=f"How users rank: {', '.join(BUILTIN_NAMES)}, or module:function taking "
-        "(messages, candidates) and returning one score per candidate (higher is better).",
-    )
-    parser.add_argument("--k", type=int, default=4, help="Candidates per turn to rank (2..4).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the users' chats.")
-    parser.add_argument("--api-key", default=None, help="Client API key, if the service needs one.")
-    parser.add_argument("--turns", type=int, default=3, help="Most turns per chat.")
-    parser.add_argument(
-        "--topics",
-        type=int,
-        default=1,
-        help="Held-out chats (a question, maybe its follow-up) strung into one conversation: "
-        "users who change the subject. 1: a new chat per question, like the bench's prompts.",
-    )
-    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request.")
-    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature.")
-    parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
-    parser.set_defaults(func=_simulate)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    config = SimulationConfig(
-        url=args.url,
-        users=args.users,
-        rankings=args.rankings,
-        preference=args.preference,
-        k=args.k,
-        seed=args.seed,
-        api_key=args.api_key,
-        turns=args.turns,
-        topics=args.topics,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-    )
-    problems = config.problems()
-    if problems:
-        raise CLIError("; ".join(problems))
-    try:
-        preference = load_preference(config.preference)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        httpx.get(f"{config.url.rstrip('/')}/health", timeout=10).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise CLIError(f"no loopchat service answers at {config.url}: {exc}") from None
-    try:
-        summary = asyncio.run(run_simulation(config, preference))
-    except PreferenceError as exc:
-        raise CLIError(f"--preference {config.preference}: {exc}") from None
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.report())
-    return 0 if summary.rankings == config.rankings else 1

@@ -14,14 +14,11 @@ from typing import Any
 
 import redis
 
-from serve.loop_trigger import COUNTER
+from serve.events import ROUND_LOCK, ROUNDS, SINCE_ROUND, FeedbackLog
 from serve.registry import Registry
 from serve.settings import Settings
-from serve.store import key
 
 # Written by the learning loop (``learn/loop.py`` documents the round record); read here only.
-ROUNDS = key("loop", "rounds")
-ROUND_LOCK = key("loop", "lock")
 
 VERSION_FIELDS = ("version", "kind", "parent", "created_at", "metrics", "gate")
 
@@ -110,13 +107,11 @@ class AdminService:
         The feedback stream is append-only, so the rankings that arrived after the last
         completed round are the stream's length minus that round's ``rankings_total``.
         """
-        from serve.feedback import FeedbackLog  # not needed by the CLI's commands
-
         total = FeedbackLog(self.client).length()
         records = [json.loads(r) for r in self.client.lrange(ROUNDS, -rounds, -1)] if rounds else []
         last_done = self._last_done_round()
         since = total - last_done["rankings_total"] if last_done else total
-        counted = int(self.client.get(COUNTER) or 0)
+        counted = int(self.client.get(SINCE_ROUND) or 0)
         return json_safe(
             {
                 "rankings_total": total,

@@ -1,10 +1,14 @@
 """The FastAPI application: routes, error shape, and the lifespan that wires the shared state.
 
-``create_app(settings)`` builds the app; its lifespan connects Redis (embedded when no URL is
-configured), makes sure the registry has a live version (the first start registers the
-configured or built-in model), starts the engine on it and exposes on ``app.state``:
-``settings``, ``redis`` (async client), ``redis_url``, ``registry``, ``engine``, ``chat``.
-Things that start with the app are entered into one exit stack, so they stop in reverse order.
+``create_app(settings, pages=..., default_model=...)`` builds the app; its lifespan connects
+Redis (embedded when no URL is configured), makes sure the registry has a live version (the first
+start registers the configured or default model), starts the engine on it and exposes on
+``app.state``: ``settings``, ``redis`` (async client), ``redis_url``, ``registry``, ``engine``,
+``chat``, ``feedback``. Things that start with the app are entered into one exit stack, so they
+stop in reverse order.
+
+This module imports nothing above ``serve``: the pages (``ui``) and the built-in model
+(``learn``) are handed in by the composition root, ``loopchat up`` (``serve.cli.up.build_app``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -31,18 +36,27 @@ from serve.store import CompletionStore, async_client, resolve_redis_url, sync_c
 
 log = logging.getLogger("loopchat.serve")
 
+PageMounter = Callable[[FastAPI], None]
+"""Mounts one page (or a set of routes) on the app, under a path of its own."""
 
-def initial_model(settings: Settings) -> Path:
-    """The model to register when nothing is live yet: ``--model``, else the built-in one."""
+ModelSource = Callable[[Settings], Path]
+"""The directory of the model to serve on a first start, when no model is configured."""
+
+
+def initial_model(settings: Settings, default_model: ModelSource | None) -> Path:
+    """The model to register when nothing is live yet: ``settings.model``, else the default."""
     if settings.model:
         return Path(settings.model)
-    from learn.builtin import ensure_builtin_model  # trains once on first use, then cached
-
-    return ensure_builtin_model(settings.data_dir)
+    if default_model is None:
+        raise RuntimeError(
+            "no version is live and no model is configured: "
+            "set LOOPCHAT_MODEL (loopchat up --model DIR) to the model to serve first"
+        )
+    return default_model(settings)
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI, default_model: ModelSource | None) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         app.state.redis_url = url = resolve_redis_url(settings)
@@ -53,8 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry.from_settings(settings, sync_client(url))
         stack.callback(registry.client.close)
         app.state.registry = registry
-        model_dir = await asyncio.to_thread(initial_model, settings)
-        version, local_dir = await asyncio.to_thread(registry.ensure_live, model_dir)
+        first_model = partial(initial_model, settings, default_model)  # only if nothing is live
+        version, local_dir = await asyncio.to_thread(registry.ensure_live, first_model)
 
         engine = make_engine(settings.engine, local_dir, version, settings)
         await engine.start()
@@ -70,10 +84,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The loopchat API (and, mounted by ``ui``, its pages) for ``settings``."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    pages: Sequence[PageMounter] = (),
+    default_model: ModelSource | None = None,
+) -> FastAPI:
+    """The loopchat API for ``settings``, with ``pages`` mounted beside it.
+
+    Without pages it is the API alone (what in-process tests use). ``default_model`` gives the
+    model to register on a first start when ``settings.model`` is unset; with neither, such a
+    start fails with a message saying what to configure.
+    """
     settings = settings or Settings()
-    app = FastAPI(title="loopchat", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="loopchat", version="0.1.0", lifespan=partial(lifespan, default_model=default_model)
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -81,11 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
-    app.include_router(openai.unknown_v1)  # after every /v1 router: OpenAI-shaped 404/405
-    from ui.ops import mount_ops  # gradio: imported only when an app is built
-
-    mount_ops(app)  # before any page mounted at "/", which would shadow /ops
-    from ui.chat import mount_chat
-
-    mount_chat(app)  # last: the mount at "/" catches every path not matched above
+    app.include_router(openai.unknown_v1)  # after every /v1 router: it matches all of /v1/*
+    for mount in pages:  # each under a path of its own: their order does not matter
+        mount(app)
     return app

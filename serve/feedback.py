@@ -1,44 +1,39 @@
-"""Rankings in, training events out.
+"""Rankings in: ``POST /v1/feedback`` becomes one event on the feedback stream.
 
-Two views of the one Redis Stream ``loopchat:feedback``:
-
-* ``FeedbackService`` (async, API process) turns ``POST /v1/feedback`` into one self-contained
-  event. The candidates' text, the prompt and the version come from the stored completion, never
-  from the client, so a ranking cannot be forged into training data. A ranking costs two round
-  trips to Redis, each one Lua script (shared with concurrent requests' scripts in one pipeline,
-  ``serve.store.PipelinedScripts``): the first logs the post in the rate limit and reads the
-  completion; the second checks for a duplicate, appends the event and counts it for the loop
-  trigger, atomically: two racing posts of the same (completion, user) store exactly one event,
-  and the event is in Redis before the 201 goes out.
-* ``FeedbackLog`` (sync, learner) reads the stream through the consumer group ``learner``: read
-  new entries, ack after use, reclaim what a dead consumer held, and read everything for a
-  reward-model refresh.
+``FeedbackService`` (async, API process) turns a ranking into one self-contained
+``serve.events.FeedbackEvent``. The candidates' text, the prompt and the version come from the
+stored completion, never from the client, so a ranking cannot be forged into training data. A
+ranking costs two round trips to Redis, each one Lua script (shared with concurrent requests'
+scripts in one pipeline, ``serve.store.PipelinedScripts``): the first logs the post in the rate
+limit and reads the completion; the second checks for a duplicate, appends the event and counts
+it for the loop trigger, atomically: two racing posts of the same (completion, user) store
+exactly one event, and the event is in Redis before the 201 goes out. The learner's side of the
+stream is ``serve.events.FeedbackLog``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
-from typing import Any
 
 import orjson
-import redis
 import redis.asyncio as aioredis
 
+from serve.events import (
+    SINCE_ROUND,
+    STREAM,
+    FeedbackEvent,
+    count_pairs,
+    normalise_ranking,
+    ranking_problem,
+)
 from serve.loop_trigger import CLAIM_ROUND_LUA, LoopTrigger
-from serve.loop_trigger import COUNTER as LOOP_COUNTER
 from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
 from serve.store import Completion, PipelinedScripts, completion_key, key
 
 logger = logging.getLogger(__name__)
-
-STREAM = key("feedback")
-GROUP = "learner"
 
 # Log one post in the sender's sliding rate-limit window and read the completion it ranks.
 # KEYS: window, completion; ARGV: now, now - 60, the post's id. Answers {posts in the window,
@@ -73,52 +68,6 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return {1, entry, claim_round(KEYS[3], tonumber(ARGV[4]))}
 """
 )
-
-
-def normalise_ranking(ranking: list[int | list[int]]) -> list[list[int]]:
-    """Best-to-worst tie groups: a bare index is a group of one (a flat list means no ties)."""
-    return [list(item) if isinstance(item, list) else [item] for item in ranking]
-
-
-def ranking_problem(groups: list[list[int]], n_candidates: int, all_bad: bool) -> str | None:
-    """What is wrong with a ranking of ``n_candidates`` candidates, or None when it is valid.
-
-    A ranking names every candidate exactly once; an empty ranking is only allowed as
-    "all bad" (nothing to order, but still a signal).
-    """
-    if not groups:
-        if all_bad:
-            return None
-        return "ranking is empty; send a best-to-worst order, or [] with all_bad: true"
-    valid = f"the completion has {n_candidates} candidates, indices 0..{n_candidates - 1}"
-    seen: set[int] = set()
-    for position, group in enumerate(groups):
-        if not group:
-            return f"ranking[{position}] is an empty tie group"
-        for index in group:
-            if not 0 <= index < n_candidates:
-                return f"ranking names candidate {index}, but {valid}"
-            if index in seen:
-                return f"ranking names candidate {index} more than once"
-            seen.add(index)
-    missing = sorted(set(range(n_candidates)) - seen)
-    if missing:
-        names = ", ".join(map(str, missing))
-        return f"ranking is missing candidate(s) {names}; {valid}, each named exactly once"
-    return None
-
-
-def ranking_pairs(groups: list[list[int]]) -> Iterator[tuple[int, int]]:
-    """(better, worse) candidate pairs a ranking implies; members of one tie group give none."""
-    for position, better_group in enumerate(groups):
-        for worse_group in groups[position + 1 :]:
-            for better in better_group:
-                for worse in worse_group:
-                    yield better, worse
-
-
-def count_pairs(groups: list[list[int]]) -> int:
-    return sum(1 for _ in ranking_pairs(groups))
 
 
 def _error(status: int, message: str, param: str, code: str) -> ErrorResponse:
@@ -195,7 +144,7 @@ class FeedbackService:
             return _error(422, problem, "ranking", "invalid_ranking")
 
         user = request.user if request.user is not None else completion.user
-        event: dict[str, Any] = {
+        event: FeedbackEvent = {
             "id": f"fb-{post_id}",
             "completion_id": completion.id,
             "messages": completion.messages,
@@ -210,7 +159,7 @@ class FeedbackService:
         dedupe = key("ranked", completion.id, user or "")
         stored, value, claimed_round = await self._scripts.run(
             self._store_once,
-            [dedupe, STREAM, LOOP_COUNTER],
+            [dedupe, STREAM, SINCE_ROUND],
             [
                 orjson.dumps(event),
                 event["id"],
@@ -231,95 +180,3 @@ class FeedbackService:
             except Exception:  # the ranking is stored: answer 201 whatever became of the round
                 logger.exception("loop trigger failed after storing ranking %s", event["id"])
         return FeedbackResponse(id=event["id"], pairs=count_pairs(groups))
-
-
-class FeedbackLog:
-    """The learner's view of the feedback stream, through the consumer group ``learner``.
-
-    Entries are ``(stream entry id, event dict)``. ``client`` must decode responses
-    (``serve.store.sync_client``).
-    """
-
-    def __init__(self, client: redis.Redis, stream: str = STREAM, group: str = GROUP) -> None:
-        self.client = client
-        self.stream = stream
-        self.group = group
-
-    def ensure_group(self) -> None:
-        """Create the group (and the stream) if missing; starts from the first ranking ever."""
-        try:
-            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    @staticmethod
-    def _decode(entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[str, dict]]:
-        return [(entry_id, json.loads(fields["event"])) for entry_id, fields in entries if fields]
-
-    def _in_group(self, command: Callable[[], Any]) -> Any:
-        """Run a group command, creating the group first if Redis does not know it (yet)."""
-        try:
-            return command()
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-        self.ensure_group()
-        return command()
-
-    def read_new(
-        self, consumer: str, count: int, block_ms: int | None = None
-    ) -> list[tuple[str, dict]]:
-        """Entries never delivered to the group; they stay pending for ``consumer`` until acked."""
-        reply = self._in_group(
-            partial(
-                self.client.xreadgroup,
-                self.group,
-                consumer,
-                {self.stream: ">"},
-                count=count,
-                block=block_ms,
-            )
-        )
-        return self._decode(reply[0][1]) if reply else []
-
-    def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[str, dict]]:
-        """Take over every entry another consumer has held unacked for ``min_idle_ms``."""
-        claimed: list[tuple[str, dict]] = []
-        cursor = "0-0"
-        while True:
-            reply = self._in_group(
-                partial(
-                    self.client.xautoclaim,
-                    self.stream,
-                    self.group,
-                    consumer,
-                    min_idle_ms,
-                    start_id=cursor,
-                    count=100,
-                )
-            )
-            cursor, entries = reply[0], reply[1]
-            claimed += self._decode(entries)
-            if cursor == "0-0":
-                return claimed
-
-    def ack(self, ids: list[str]) -> int:
-        """Mark entries as used; returns how many were pending."""
-        return self.client.xack(self.stream, self.group, *ids) if ids else 0
-
-    def events(
-        self, start: str = "-", end: str = "+", count: int | None = None
-    ) -> list[tuple[str, dict]]:
-        """Stored rankings in stream order (all of them by default), regardless of the group."""
-        return self._decode(self.client.xrange(self.stream, start, end, count=count))
-
-    def iter_events(self, page: int = 1000) -> Iterator[tuple[str, dict]]:
-        """Every stored ranking, read ``page`` at a time so a long stream never sits in memory."""
-        start = "-"
-        while batch := self.events(start, "+", count=page):
-            yield from batch
-            start = f"({batch[-1][0]}"
-
-    def length(self) -> int:
-        return self.client.xlen(self.stream)

@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 
+from serve.events import SINCE_ROUND
 from serve.settings import Settings
-from serve.store import key, resolve_redis_url
+from serve.store import resolve_redis_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 QUEUE = "learn"
 ROUND_TASK = "learn.tasks.run_round"
-COUNTER = key("loop", "since_round")
 
 # A Lua function for a script that stores rankings (serve/feedback.py) to count one in the same
 # atomic step: INCR, and when the count reaches `every` take `every` off it and answer 1 (the
@@ -105,7 +105,7 @@ class LoopTrigger:
         try:
             task_id = await asyncio.to_thread(send_round, resolve_redis_url(self.settings))
         except Exception:
-            await self.client.incrby(COUNTER, every)
+            await self.client.incrby(SINCE_ROUND, every)
             log.exception("could not queue a learning round; will retry on the next ranking")
             return
         log.info("queued learning round %s after %d rankings", task_id, every)

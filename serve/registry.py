@@ -48,6 +48,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -421,14 +422,19 @@ class Registry:
         """Every change of the live version, oldest first."""
         return [json.loads(e) for e in self.client.lrange(_rkey("history"), 0, -1)]
 
-    def ensure_live(self, model_dir: Path) -> tuple[str, Path]:
+    def ensure_live(self, first_model: Path | Callable[[], Path]) -> tuple[str, Path]:
         """The live version and its local directory; the first process to find nothing live
-        registers ``model_dir`` as an ``sft`` version and makes it live."""
+        registers ``first_model`` as an ``sft`` version and makes it live.
+
+        ``first_model`` may be a callable, called only then: a process joining a running
+        deployment never looks for (or builds) a model of its own.
+        """
         live = self.alias("live")
         if live is None:
             with self.client.lock(_rkey("lock", "bootstrap"), timeout=600, blocking_timeout=600):
                 live = self.alias("live")
                 if live is None:
+                    model_dir = first_model() if callable(first_model) else first_model
                     live = self.register(model_dir, "sft", None, {}, {"source": str(model_dir)})
                     self.promote(
                         live, by="bootstrap", reason=f"first model: {model_dir}", action="bootstrap"

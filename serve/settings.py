@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         description="JSON overrides of a learning round's LoopConfig (learn/loop.py), e.g. "
         '`{"max_prompts": 64, "ppo": {...}}`. Unset: defaults sized for a CPU.',
     )
+    ptx: str = Field(
+        default="auto",
+        description="Text of the PPO-ptx term: `auto` (the built-in corpus for the built-in "
+        "model, off for a user's model), `builtin`, `off`, or a .txt/.jsonl file or folder of "
+        "the served model's kind of text.",
+    )
     keep_versions: int = Field(
         default=10, ge=2, description="Policy versions kept (live and previous never deleted)."
     )

@@ -42,8 +42,9 @@ def tiny_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised ``nano`` Llama with a locally trained tokenizer (seconds)."""
-    from learn.presets import new_model, save_model
-    from learn.tokenizer import train_tokenizer
+    from learn.builtin.presets import new_model
+    from learn.builtin.tokenizer import train_tokenizer
+    from learn.modeling import save_model
 
     tokenizer = train_tokenizer(tiny_texts(), vocab_size=512)
     out = tmp_path_factory.mktemp("tiny-model")

@@ -15,8 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from learn.bench_loop import wait_for_round, wait_for_version
-from learn.simulate import ServiceClient, SimulationConfig, run_simulation
+from learn.simulate import (
+    ServiceClient,
+    SimulationConfig,
+    run_simulation,
+    wait_for_round,
+    wait_for_version,
+)
 from tests.conftest import start_server
 
 ADMIN = {"Authorization": "Bearer e2e-admin"}

@@ -1,4 +1,5 @@
-"""The chat-and-rank page at ``/``: chat, see K answers side by side, rank them, continue.
+"""The chat-and-rank page at ``/chat``, the site's front page: chat, see K answers side by side,
+rank them, continue.
 
 Each assistant turn asks for K candidates (1-4) and streams them side by side. With K > 1 the
 user orders them best to worst (a rank number per answer, the same number for a tie, or "all
@@ -23,15 +24,15 @@ from contextlib import aclosing
 from typing import Any
 
 import gradio as gr
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 
-from serve.errors import error_json
 from serve.feedback import FeedbackService
 from serve.protocol import ChatCompletionRequest, ErrorResponse, FeedbackRequest
 from serve.serving import ChatService
 from serve.settings import Settings
 
+PATH = "/chat"
 MAX_K = 4
 LETTERS = "ABCD"
 STREAM_EVERY = 0.05  # seconds between screen updates while answers stream
@@ -340,25 +341,13 @@ def build_chat_page(
     return page.queue(default_concurrency_limit=None)
 
 
-async def _unknown_api_route(request: Request) -> JSONResponse:
-    message = f"Unknown route: {request.method} {request.url.path}"
-    return error_json(ErrorResponse.make(404, message, type="not_found_error"))
-
-
-def mount_chat(app: FastAPI) -> FastAPI:
-    """Mount the page at ``/`` on ``app``, after every other route and mount (it would shadow
-    them otherwise).
-
-    A mount at ``/`` receives every path nothing else matched; unknown ``/v1/*`` and
-    ``/admin/*`` paths are answered here first, so API clients keep getting OpenAI's error
-    shape rather than the page's 404.
-    """
-    for prefix in ("/v1", "/admin"):
-        app.add_route(
-            f"{prefix}/{{rest:path}}",
-            _unknown_api_route,
-            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            include_in_schema=False,
-        )
+def mount_chat(app: FastAPI) -> None:
+    """Mount the page at ``/chat`` on ``app``, and make it the site's front page: ``GET /``
+    redirects there (the page is not mounted at ``/`` itself, where it would receive every
+    path the API does not match and answer them with its own 404 instead of OpenAI's)."""
     page = build_chat_page(lambda: app.state.chat, lambda: app.state.feedback, app.state.settings)
-    return gr.mount_gradio_app(app, page, path="/", ssr_mode=False, css=CSS)
+    gr.mount_gradio_app(app, page, path=PATH, ssr_mode=False, css=CSS)
+
+    @app.get("/", include_in_schema=False)
+    async def front_page() -> RedirectResponse:
+        return RedirectResponse(f"{PATH}/")

@@ -207,10 +207,10 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     return page
 
 
-def mount_ops(app: FastAPI) -> FastAPI:
-    """Mount the page at ``/ops`` on ``app`` (before any page mounted at ``/``)."""
+def mount_ops(app: FastAPI) -> None:
+    """Mount the page at ``/ops`` on ``app``."""
 
     def get_admin() -> AdminService:
         return AdminService(app.state.registry, app.state.settings)
 
-    return gr.mount_gradio_app(app, build_ops_page(get_admin), path="/ops", ssr_mode=False)
+    gr.mount_gradio_app(app, build_ops_page(get_admin), path="/ops", ssr_mode=False)

@@ -85,7 +85,9 @@ unknown_v1 = APIRouter(include_in_schema=False)
     "/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], response_model=None
 )
 async def unknown_endpoint(path: str, request: Request) -> NoReturn:
-    """The rest of ``/v1`` answered in OpenAI's shape (else the page mounted at "/" would)."""
+    """The rest of ``/v1``: a 404 naming the path, or a 405 naming the methods the path allows.
+    Every other unknown path gets the app-wide handler's bare "Not Found" / "Method Not Allowed",
+    in the same shape; OpenAI clients get these more helpful messages."""
     allowed = sorted(
         method
         for route in request.app.routes

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.presets import new_model, save_model
+from learn.builtin.presets import new_model
+from learn.builtin.tokenizer import train_tokenizer
+from learn.modeling import save_model
 from learn.reward import RewardConfig, train_reward_model
-from learn.tokenizer import train_tokenizer
 
 WORDS = ("yes", "no")
 ANSWER_WORDS = 6

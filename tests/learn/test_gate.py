@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learn.gate import GateConfig, evaluate_gate, worse_beyond_noise
-from learn.presets import save_model
+from learn.modeling import save_model
 from learn.reward import RewardConfig, train_reward_model
 from tests.learn.loop_helpers import arithmetic_prompts, sample_completions, shorter_first
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from learn.loop import COUNTED, LAST_ID, LOCK, ROUNDS, LoopConfig, run_round
-from serve.feedback import GROUP, STREAM, FeedbackLog
+from learn.loop import LoopConfig, run_round
+from serve.events import COUNTED, GROUP, LAST_ID, ROUND_LOCK, ROUNDS, STREAM, FeedbackLog
 from serve.registry import Registry
 from serve.settings import Settings
 from serve.store import Completion, sync_client
@@ -184,14 +184,14 @@ def test_only_one_round_runs_at_a_time_and_its_lock_is_renewed(
     assert skipped[0]["skipped"] == "another round is running"
     assert done[0]["rankings_new"] == 8
     assert len(registry.versions("ppo")) == 1
-    assert client.exists(LOCK) == 0
+    assert client.exists(ROUND_LOCK) == 0
 
 
 def test_a_lock_left_by_a_dead_round_lapses(loop, completions, redis_url) -> None:
     settings, client, _ = loop
     config = LoopConfig.from_settings(settings, TINY)
     submit_rankings(redis_url, fresh(completions[:6]))
-    client.set(LOCK, "token-of-a-dead-worker", px=500)
+    client.set(ROUND_LOCK, "token-of-a-dead-worker", px=500)
 
     assert run_round("blocked", config, settings)["skipped"] == "another round is running"
     time.sleep(0.6)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.ppo import PPOConfig, sequence_logprobs, train_ppo
+from learn.ppo import PPOConfig, train_ppo
 from learn.reward import load_reward_model, score
+from learn.tokens import sequence_logprobs
 from tests.learn.rlhf_helpers import (
     PROMPTS,
     loopchat,

@@ -10,18 +10,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from learn.ppo import encode_prompt, make_rollout, sequence_logprobs
 from learn.reward import (
     RewardConfig,
-    encode_answer,
     head_and_likelihood,
     init_reward_model,
     last_token_rewards,
     load_reward_model,
-    pad_right,
     score,
     train_reward_model,
 )
+from learn.tokens import encode_answer, encode_prompt, make_rollout, pad_right, sequence_logprobs
 from tests.learn.rlhf_helpers import (
     REWARD_CONFIG,
     loopchat,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learn import rlhf
-from serve.feedback import normalise_ranking, ranking_pairs
+from serve.events import normalise_ranking, ranking_pairs
 
 LOG_HALF = math.log(0.5)
 

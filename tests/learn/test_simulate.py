@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from learn.corpus import solve
+from learn.builtin.grader import solve
 from learn.simulate import (
     PreferenceError,
     Simulation,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.loop import ROUNDS
+from serve.events import ROUNDS
 from serve.loop_trigger import celery_client
 from serve.registry import Registry
 from serve.settings import Settings

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from learn.presets import new_model, save_model
+from learn.builtin.presets import new_model
+from learn.modeling import save_model
 
 RESIDUAL_GAIN = 5.0
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from serve.app import create_app
 from serve.cli import main as loopchat
-from serve.feedback import STREAM
+from serve.events import STREAM
 from serve.registry import Registry
 from serve.settings import Settings
 from serve.store import key, sync_client

@@ -18,7 +18,8 @@ import pytest
 import redis
 from openai import OpenAI
 
-from serve.feedback import STORE_ONCE_LUA, FeedbackLog
+from serve.events import FeedbackLog
+from serve.feedback import STORE_ONCE_LUA
 from serve.store import Completion, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.feedback_helpers import make_completion, save_completions

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.feedback import FeedbackLog
+from serve.events import FeedbackLog
 from serve.store import sync_client
 from tests.serve.feedback_helpers import make_completion, store_rankings
 

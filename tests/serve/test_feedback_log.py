@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from serve.feedback import GROUP, STREAM, FeedbackLog
+from serve.events import GROUP, STREAM, FeedbackLog
 from serve.store import sync_client
 from tests.serve.feedback_helpers import make_completion, store_rankings
 

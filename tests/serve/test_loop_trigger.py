@@ -11,8 +11,9 @@ import json
 
 import redis
 
-from serve.feedback import STREAM, FeedbackService
-from serve.loop_trigger import COUNTER, QUEUE, ROUND_TASK, celery_url
+from serve.events import SINCE_ROUND, STREAM
+from serve.feedback import FeedbackService
+from serve.loop_trigger import QUEUE, ROUND_TASK, celery_url
 from serve.protocol import FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
 from serve.store import async_client
@@ -64,7 +65,7 @@ def test_concurrent_replicas_queue_one_round_per_round_every_rankings(redis_url:
     messages = _queued_rounds(sync)
     assert [m["headers"]["task"] for m in messages] == [ROUND_TASK] * 3
     assert len({m["headers"]["id"] for m in messages}) == 3
-    assert sync.get(COUNTER) == "2"  # 17 = 3 rounds x 5 + 2 waiting for the next round
+    assert sync.get(SINCE_ROUND) == "2"  # 17 = 3 rounds x 5 + 2 waiting for the next round
 
 
 def test_a_round_that_cannot_be_sent_gives_its_count_back_and_the_ranking_stays_stored(
@@ -81,11 +82,11 @@ def test_a_round_that_cannot_be_sent_gives_its_count_back_and_the_ranking_stays_
     sync = redis.Redis.from_url(redis_url, decode_responses=True)
     assert all(isinstance(r, FeedbackResponse) for r in first_five)
     assert sync.xlen(STREAM) == 5
-    assert sync.get(COUNTER) == "5"  # the fifth claimed the round, then gave its count back
+    assert sync.get(SINCE_ROUND) == "5"  # the fifth claimed the round, then gave its count back
 
     [sixth] = _post_concurrently(
         redis_url, Settings(redis_url=redis_url, round_every=5), bodies[5:]
     )
     assert isinstance(sixth, FeedbackResponse)
     assert [m["headers"]["task"] for m in _queued_rounds(sync)] == [ROUND_TASK]
-    assert sync.get(COUNTER) == "1"  # the sixth claimed the round again and sent it
+    assert sync.get(SINCE_ROUND) == "1"  # the sixth claimed the round again and sent it

@@ -14,7 +14,7 @@ import pytest
 import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from serve.feedback import FeedbackLog
+from serve.events import FeedbackLog
 from serve.store import sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
@@ -44,7 +44,8 @@ def browser() -> Iterator[Browser]:
 def page(server: Server, browser: Browser) -> Iterator[Page]:
     context = browser.new_context()
     opened = context.new_page()
-    opened.goto(f"{server.url}/")
+    opened.goto(f"{server.url}/")  # the front page leads to the chat page
+    assert opened.url == f"{server.url}/chat/"
     expect(opened.locator("#message textarea")).to_be_editable(timeout=30_000)
     yield opened
     context.close()
@@ -146,9 +147,25 @@ def test_answers_stack_on_a_narrow_screen(page: Page) -> None:
     assert first["width"] > 300  # the full width of the phone
 
 
-def test_page_at_root_leaves_unknown_api_paths_in_openai_error_shape(server: Server) -> None:
-    for method, path in [("GET", "/v1/nothing"), ("POST", "/v1/chat/nothing"), ("GET", "/admin/x")]:
+def test_front_page_and_ops_lead_to_their_pages(server: Server) -> None:
+    front = httpx.get(f"{server.url}/")
+    assert front.is_redirect and front.headers["location"] == "/chat/"
+    for path, page in [("/", "/chat/"), ("/chat", "/chat/"), ("/ops", "/ops/")]:
+        reached = httpx.get(f"{server.url}{path}", follow_redirects=True)
+        assert reached.status_code == 200, path
+        assert reached.url.path == page and "text/html" in reached.headers["content-type"]
+
+
+def test_unknown_paths_answer_in_openai_error_shape_beside_the_pages(server: Server) -> None:
+    for method, path in [
+        ("GET", "/v1/nothing"),
+        ("POST", "/v1/chat/nothing"),
+        ("GET", "/admin/x"),
+        ("POST", "/admin/x/y"),
+        ("GET", "/nowhere"),
+    ]:
         response = httpx.request(method, f"{server.url}{path}")
-        assert response.status_code == 404
+        assert response.status_code == 404, path
+        assert set(response.json()) == {"error"}
         assert response.json()["error"]["type"] == "not_found_error"
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"

@@ -63,7 +63,8 @@ def test_operator_logs_in_promotes_and_rolls_back(
         }
         client.rpush(key("loop", "rounds"), json.dumps(record))
 
-    page.goto(f"{server.url}/ops/")
+    page.goto(f"{server.url}/ops")  # the README's link: redirected to the page at /ops/
+    assert page.url == f"{server.url}/ops/"
     page.get_by_label("Admin token").fill("wrong")
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("#login-message")).to_contain_text("wrong admin token", timeout=30_000)

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import redis
 
-from serve.cli import CLIError
+from learn.errors import LearnError
 
 HOST = "127.0.0.1"  # benchmarks only ever send traffic to this machine
 
@@ -57,9 +57,9 @@ def model_dir(arg: str | None) -> Path:
     if arg:
         path = Path(arg).expanduser().resolve()
         if not (path / "config.json").is_file():
-            raise CLIError(f"--model {arg}: not a Hugging Face model directory")
+            raise LearnError(f"--model {arg}: not a Hugging Face model directory")
         return path
-    from learn.builtin import ensure_builtin_model
+    from learn.bootstrap import ensure_builtin_model
     from serve.settings import Settings
 
     return ensure_builtin_model(Settings().data_dir)
@@ -190,7 +190,7 @@ def bench_redis(redis_url: str | None, work: Path) -> Iterator[str]:
     client = sync_client(redis_url)
     if next(client.scan_iter("loopchat:*", count=1000), None) is not None:
         client.close()
-        raise CLIError(f"--redis-url {redis_url} already holds loopchat keys; use an empty db")
+        raise LearnError(f"--redis-url {redis_url} already holds loopchat keys; use an empty db")
     before = set(client.scan_iter(count=1000))
     try:
         yield redis_url
@@ -241,14 +241,14 @@ def _wait_healthy(svc: Service, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if svc.process.poll() is not None:
-            raise CLIError(f"loopchat up exited ({svc.process.returncode}):\n{svc.log_tail()}")
+            raise LearnError(f"loopchat up exited ({svc.process.returncode}):\n{svc.log_tail()}")
         try:
             if httpx.get(f"{svc.url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise CLIError(f"loopchat up not healthy within {timeout_s:.0f} s:\n{svc.log_tail()}")
+    raise LearnError(f"loopchat up not healthy within {timeout_s:.0f} s:\n{svc.log_tail()}")
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 60) -> None:

@@ -8,7 +8,6 @@ cores), ``bench`` is the ~30M model the PPO benchmark uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -58,16 +57,3 @@ def new_model(
     """A freshly initialised causal LM (deterministic for a given seed)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(preset, tokenizer))
-
-
-def save_model(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
-) -> Path:
-    """Save a directory that transformers and vLLM both load as it is (safetensors)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    return out

@@ -20,9 +20,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve.cli import CLIError
 from serve.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def register(parser: argparse.ArgumentParser, command: str) -> None:
@@ -119,13 +123,29 @@ def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:
             worker.wait()
 
 
+def build_app(settings: Settings) -> FastAPI:
+    """The served app: the API with the chat and ops pages, and the built-in model as the
+    default. Composed here because the CLI is the one layer allowed to import ``serve``,
+    ``ui`` and ``learn`` alike; ``serve.app`` only receives them. Imported lazily: gradio and
+    the training code load only when a server starts, not for every ``loopchat`` command."""
+    from learn.bootstrap import ensure_builtin_model
+    from serve.app import create_app
+    from ui.chat import mount_chat
+    from ui.ops import mount_ops
+
+    return create_app(
+        settings,
+        pages=(mount_chat, mount_ops),
+        default_model=lambda s: ensure_builtin_model(s.data_dir),  # trains once, then cached
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     sock = bind(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     import uvicorn
 
-    from serve.app import create_app
     from serve.store import resolve_redis_url
 
     host, port = sock.getsockname()[:2]
@@ -140,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"loopchat: serving on {url}  (OpenAI base URL {url}/v1)", flush=True)
 
     config = uvicorn.Config(
-        create_app(settings),
+        build_app(settings),
         log_level="info",
         timeout_graceful_shutdown=60,
         lifespan="on",

@@ -134,7 +134,7 @@ def _train_in_child(recipe: str, final: Path, progress: bool) -> None:
     """
     env = {**os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    command = [sys.executable, "-m", "learn.builtin", str(final), recipe]
+    command = [sys.executable, "-m", "learn.bootstrap", str(final), recipe]
     done = subprocess.run(command + ([] if progress else ["--quiet"]), env=env)
     if done.returncode != 0:
         raise RuntimeError(

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from learn.bench_common import (
+from learn.bench.common import (
     Service,
     add_common_arguments,
     bench_redis,
@@ -35,8 +35,8 @@ from learn.bench_common import (
     service,
     write_result,
 )
+from learn.errors import LearnError
 from learn.simulate import ServiceClient
-from serve.cli import CLIError
 
 NAME = "bench-swap"
 PHASES = ("before", "during", "after")
@@ -93,7 +93,7 @@ async def _stream_one(client: ServiceClient, messages: list[dict], args: Any) ->
 
 
 async def _run(svc: Service, versions: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from learn.corpus import prompts as corpus_prompts
+    from learn.builtin.corpus import prompts as corpus_prompts
 
     prompts = [m for _, m in corpus_prompts(4, seed=13, split="heldout")]
     client = ServiceClient(svc.url, timeout_s=120)
@@ -203,9 +203,9 @@ def _register_versions(svc: Service, model: Path, count: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.clients < 1 or args.swaps < 1 or args.n < 1 or args.max_tokens < 1:
-        raise CLIError("--clients, --swaps, --n and --max-tokens must be at least 1")
+        raise LearnError("--clients, --swaps, --n and --max-tokens must be at least 1")
     if args.quiet_seconds <= 0 or args.swap_every <= 0:
-        raise CLIError("--quiet-seconds and --swap-every must be positive")
+        raise LearnError("--quiet-seconds and --swap-every must be positive")
     model = model_dir(args.model)
     env = {"LOOPCHAT_ROUND_EVERY": str(1 << 30), "LOOPCHAT_MAX_N": str(max(args.n, 1))}
     with scratch_dir("bench-swap") as work, bench_redis(args.redis_url, work) as redis_url:

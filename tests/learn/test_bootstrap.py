@@ -13,7 +13,7 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.builtin import builtin_dir, ensure_builtin_model
+from learn.bootstrap import builtin_dir, ensure_builtin_model
 from tests.conftest import start_server
 
 
@@ -42,7 +42,7 @@ def test_recipe_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
 
 BOOTSTRAP = (
-    "import sys; from pathlib import Path; from learn.builtin import ensure_builtin_model; "
+    "import sys; from pathlib import Path; from learn.bootstrap import ensure_builtin_model; "
     "print(ensure_builtin_model(Path(sys.argv[1]), recipe='test'))"
 )
 

@@ -1,30 +1,19 @@
-"""The built-in synthetic corpus: tasks, their answers, a held-out split, and answer checking.
+"""The built-in tasks: the tables, phrasings and answer templates, and the question model.
 
-loopchat must make its own model offline, and its learning loop needs users whose rankings
-carry signal. Both come from here: small conversational tasks (greetings, sums, differences,
-products, facts from a built-in table, spelling, letter counting, short descriptions, and
-follow-ups such as "And plus 5?" that only make sense with the earlier turns), each answerable
-in several styles (brief, plain, polite, verbose), so sampled answers differ in correctness,
-length and politeness.
-
-One parser reads the user's turns back (``solve``): ``check_answer`` uses it to know what the
-right answer to any conversation is, so simulated users can judge answers to prompts they did
-not generate themselves. Generation and parsing share the same phrasings, and a test checks
-that they agree.
+Small conversational tasks (greetings, sums, differences, products, facts from a built-in table,
+spelling, letter counting, short descriptions, and follow-ups such as "And plus 5?" that only
+make sense with the earlier turns), each answerable in several styles (brief, plain, polite,
+verbose), so sampled answers differ in correctness, length and politeness.
 
 Held-out split: every question has a key (the operand pair of a sum, the phrasing and entity of
-a fact, the word of a spelling); a stable hash of it puts ~10% of keys in ``heldout``. Training
-text and demonstrations use only ``train`` keys, so the benchmark measures answers the model
-never saw.
+a fact, the word of a spelling); a stable hash of it puts ~10% of keys in ``heldout``
+(:func:`split_of`). Training text and demonstrations use only ``train`` keys, so benchmarks
+measure answers the model never saw.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import random
-import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 STYLES = ("brief", "plain", "polite", "verbose")
@@ -335,7 +324,7 @@ ARITH_FORMS = ("add", "sub", "diff", "mul")
 WORD_FORMS = ("spell", "count", "count_letter")
 
 
-def _fresh(form: str, slots: dict[str, str], phrasing: int) -> Question:
+def fresh_question(form: str, slots: dict[str, str], phrasing: int) -> Question:
     """The question a fresh (non follow-up) user turn asks."""
     if form in ARITH_FORMS:
         task = "sub" if form == "diff" else form
@@ -353,7 +342,7 @@ def _fresh(form: str, slots: dict[str, str], phrasing: int) -> Question:
     return Question("chat", form, form, {}, None)
 
 
-def _follow(kind: str, slots: dict[str, str], prev: Question) -> Question | None:
+def followup_question(kind: str, slots: dict[str, str], prev: Question) -> Question | None:
     """The question a follow-up asks, given the previous question; None if it does not fit."""
     if kind in ("add", "sub", "mul", "double"):
         if prev.form not in ARITH_FORMS:
@@ -369,319 +358,3 @@ def _follow(kind: str, slots: dict[str, str], prev: Question) -> Question | None
     if kind == "word" and prev.form in WORD_FORMS:
         return _word(prev.form, slots["w"], "followup_word", prev.fields["c"])
     return None
-
-
-# --- parsing user turns ---------------------------------------------------------------------
-
-_SLOT_PATTERNS = {"a": r"\d+", "b": r"\d+", "n": r"\d+", "w": r"[A-Za-z]+", "c": r"[A-Za-z]"}
-
-
-def _entity_pattern(names: Iterator[str]) -> str:
-    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-
-
-def _slot_pattern(form: str, slot: str) -> str:
-    if slot != "x":
-        return _SLOT_PATTERNS[slot]
-    if form == "describe":
-        return _entity_pattern(iter(DESCRIPTIONS))
-    if form in FACT_TABLES:
-        return _entity_pattern(iter(FACT_TABLES[form]))
-    return _entity_pattern(e for table in FACT_TABLES.values() for e in table)
-
-
-def _compile(phrasing: str, form: str) -> re.Pattern[str]:
-    """A phrasing as a tolerant pattern: any case, flexible spaces, any final punctuation."""
-    body = phrasing.rstrip("?.!")
-    out = []
-    for i, part in enumerate(re.split(r"\{(\w)\}", body)):
-        if i % 2:
-            out.append(f"(?P<{part}>{_slot_pattern(form, part)})")
-            continue
-        literal = re.escape(part)
-        # a space between two words must stay a space; around symbols it is optional
-        literal = re.sub(r"(?<=\w)(\\ )+(?=\w)", r"\\s+", literal)
-        literal = re.sub(r"(\\ )+", r"\\s*", literal)
-        if i > 0 and part[:1].isalnum():
-            literal = r"\s*" + literal
-        out.append(literal)
-    return re.compile(r"^\s*" + "".join(out) + r"\s*[?.!]*\s*$", re.IGNORECASE)
-
-
-_QUESTION_PATTERNS = [
-    (form, i, _compile(p, form)) for form, ps in QUESTIONS.items() for i, p in enumerate(ps)
-]
-_FOLLOWUP_PATTERNS = [(kind, _compile(p, "followup")) for kind, ps in FOLLOWUPS.items() for p in ps]
-
-
-def parse_turn(text: str, prev: Question | None) -> Question | None:
-    """Understand one user turn (a follow-up needs the previous question)."""
-    for form, phrasing, pattern in _QUESTION_PATTERNS:
-        if m := pattern.match(text):
-            return _fresh(form, m.groupdict(), phrasing)
-    if prev is not None:
-        for kind, pattern in _FOLLOWUP_PATTERNS:
-            if (m := pattern.match(text)) and (q := _follow(kind, m.groupdict(), prev)):
-                return q
-    return None
-
-
-def solve(messages: list[dict]) -> Question | None:
-    """The question the last user turn asks, reading earlier user turns for follow-ups.
-
-    Follow-ups chain on the right answers of earlier turns, not on what the assistant said:
-    after "What is 2 + 3?" / "6" / "And plus 1?" the right answer is 6.
-    """
-    prev: Question | None = None
-    question: Question | None = None
-    for message in messages:
-        if message.get("role") != "user":
-            continue
-        question = parse_turn(str(message.get("content", "")), prev)
-        prev = question or prev
-    if not messages or messages[-1].get("role") != "user":
-        return None
-    return question
-
-
-# --- checking answers -------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"(?<!\w)-?\d+")
-_SPELLING = re.compile(r"(?<![\w-])[a-z](?:-[a-z])+(?![\w-])", re.IGNORECASE)
-
-
-def _mentions(text: str, phrase: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.IGNORECASE) is not None
-
-
-def check_answer(messages: list[dict], answer: str) -> bool:
-    """Is ``answer`` right for the last user turn of ``messages``?
-
-    Numbers: the last number in the answer is the right one. Facts: the right value is named
-    and no other value of the same table is. Spelling: every hyphenated spelling is the
-    right one. Descriptions and small talk: the answer contains what such a reply must.
-    Unknown questions are never right (there is nothing to check against).
-    """
-    q = solve(messages)
-    if q is None:
-        return False
-    if q.form in ARITH_FORMS or q.form in ("count", "count_letter"):
-        numbers = _NUMBER.findall(answer)
-        return bool(numbers) and int(numbers[-1]) == int(q.gold)
-    if q.form in FACT_TABLES:
-        others = set(FACT_TABLES[q.form].values()) - {q.gold}
-        return _mentions(answer, q.gold) and not any(_mentions(answer, o) for o in others)
-    if q.form == "spell":
-        found = [s.lower() for s in _SPELLING.findall(answer)]
-        return bool(found) and all(s == q.gold for s in found)
-    if q.form == "greet":
-        return any(_mentions(answer, w) for w in GREETING_WORDS)
-    if q.form == "thanks":
-        return _mentions(answer, "welcome")
-    if q.form == "identity":
-        return _mentions(answer, "loopchat")
-    return _mentions(answer, q.gold)  # describe: its keyword
-
-
-# --- preferences the simulated users rank by ------------------------------------------------
-
-
-def correctness(messages: list[dict], answer: str) -> float:
-    """1.0 for a right answer, else 0.0."""
-    return float(check_answer(messages, answer))
-
-
-def brevity(answer: str) -> float:
-    """In (0, 1]: 1 for an empty answer, ~0.37 at 10 words, falling with length."""
-    return math.exp(-len(answer.split()) / 10)
-
-
-def politeness(answer: str) -> float:
-    """In [0, 1]: polite phrases found ("Sure!", "I hope that helps", ...), two or more = 1."""
-    text = answer.lower()
-    return min(1.0, sum(marker in text for marker in POLITE_MARKERS) / 2)
-
-
-PREFERENCES: dict[str, Callable[[list[dict], str], float]] = {
-    "correct": correctness,
-    "brief": lambda messages, answer: brevity(answer),
-    "polite": lambda messages, answer: politeness(answer),
-}
-
-
-# --- generating conversations ---------------------------------------------------------------
-
-# How often each fresh task starts an exchange: arithmetic-heavy, since it is what the small
-# model finds hardest and what the follow-ups build on.
-FORM_WEIGHTS = {
-    "add": 36, "sub": 16, "diff": 7, "mul": 10, "capital": 5, "colour": 3, "sound": 3,
-    "spell": 2, "count": 3, "count_letter": 1, "describe": 2, "identity": 1,
-}  # fmt: skip
-FOLLOWUP_PROBABILITY = {"arith": 0.5, "fact": 0.3, "word": 0.25}
-STYLE_WEIGHTS = (0.3, 0.35, 0.25, 0.1)
-
-
-def reply(q: Question, style: str, rng: random.Random) -> str:
-    """The assistant's answer to ``q`` in ``style``."""
-    bodies = REPLIES[q.form]
-    if style == "polite" and "polite" not in bodies:
-        body = rng.choice(bodies["plain"]).format(**q.fields)
-        return rng.choice(POLITE_OPENINGS) + body + rng.choice(POLITE_CLOSINGS)
-    return rng.choice(bodies[style]).format(**q.fields)
-
-
-def _sample_fresh(form: str, rng: random.Random) -> tuple[str, Question]:
-    i = rng.randrange(len(QUESTIONS[form]))
-    slots: dict[str, str] = {}
-    if form in ("add", "sub", "diff"):
-        a = rng.randrange(100)
-        b = rng.randrange(100) if form == "add" else rng.randrange(a + 1)
-        slots = {"a": str(a), "b": str(b)}
-    elif form == "mul":
-        slots = {"a": str(rng.randrange(13)), "b": str(rng.randrange(13))}
-    elif form in FACT_TABLES or form == "describe":
-        table = FACT_TABLES.get(form, DESCRIPTIONS)
-        slots = {"x": rng.choice(list(table))}
-    elif form in WORD_FORMS:
-        word = rng.choice(WORDS)
-        slots = {"w": word, "c": rng.choice(word)}
-    text = QUESTIONS[form][i].format(**slots)
-    return text, _fresh(form, slots, i)
-
-
-def _sample_followup(prev: Question, rng: random.Random) -> tuple[str, Question] | None:
-    if prev.form in ARITH_FORMS:
-        value = int(prev.gold)
-        kinds = ["add", "add", "sub"] + (["double", "mul"] if value <= 50 else [])
-        kind = rng.choice(kinds) if value > 0 else "add"
-        n = {"add": rng.randint(1, 20), "sub": rng.randint(1, max(1, min(value, 20))),
-             "mul": rng.randint(2, 3), "double": 2}[kind]  # fmt: skip
-        slots = {"n": str(n)}
-    elif prev.form in FACT_TABLES:
-        kind = "entity"
-        others = [e for e in FACT_TABLES[prev.form] if e != prev.fields["x"]]
-        slots = {"x": rng.choice(others)}
-    elif prev.form in WORD_FORMS:
-        kind = "word"
-        candidates = [w for w in WORDS if not prev.fields["c"] or prev.fields["c"] in w]
-        slots = {"w": rng.choice(candidates)}
-    else:
-        return None
-    text = rng.choice(FOLLOWUPS[kind]).format(**slots)
-    q = _follow(kind, slots, prev)
-    return (text, q) if q is not None else None
-
-
-def _followup_chance(q: Question) -> float:
-    if q.form in ARITH_FORMS:
-        return FOLLOWUP_PROBABILITY["arith"]
-    if q.form in FACT_TABLES:
-        return FOLLOWUP_PROBABILITY["fact"]
-    return FOLLOWUP_PROBABILITY["word"] if q.form in WORD_FORMS else 0.0
-
-
-def _in_split(sample: Callable[[], tuple[str, Question] | None], split: str, tries: int = 500):
-    """Draw from ``sample`` until the question falls in ``split`` (None if it never does);
-    small talk (no key) belongs to both splits."""
-    for _ in range(tries):
-        drawn = sample()
-        if drawn is not None and (drawn[1].key is None or split_of(drawn[1].key) == split):
-            return drawn
-    return None
-
-
-def conversation(rng: random.Random, split: str = "train") -> list[dict]:
-    """One demonstration: optional system prompt and greeting, one or two tasks, each maybe
-    followed by follow-ups, maybe a thank-you; written in one style throughout."""
-    style = rng.choices(STYLES, weights=STYLE_WEIGHTS)[0]
-    messages: list[dict] = []
-    if rng.random() < 0.1:
-        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-
-    def exchange(text: str, q: Question) -> None:
-        messages.append({"role": "user", "content": text})
-        messages.append({"role": "assistant", "content": reply(q, style, rng)})
-
-    if rng.random() < 0.12:
-        exchange(*_sample_fresh("greet", rng))
-    for _ in range(rng.choice((1, 1, 2))):
-        form = rng.choices(list(FORM_WEIGHTS), weights=list(FORM_WEIGHTS.values()))[0]
-        drawn = _in_split(lambda f=form: _sample_fresh(f, rng), split)
-        while drawn is not None:
-            exchange(*drawn)
-            prev = drawn[1]
-            if rng.random() >= _followup_chance(prev):
-                break
-            drawn = _in_split(lambda p=prev: _sample_followup(p, rng), split)
-    if rng.random() < 0.08:
-        exchange(*_sample_fresh("thanks", rng))
-    return messages
-
-
-def demonstrations(n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """``n`` conversations in the OpenAI fine-tuning format ``{"messages": [...]}``."""
-    rng = random.Random(seed)
-    return [{"messages": conversation(rng, split)} for _ in range(n)]
-
-
-def pretrain_texts(n: int, seed: int = 0) -> list[str]:
-    """Plain text for pre-training: documents of questions each followed by an answer, all
-    from the training split (no chat template, no roles)."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        lines = []
-        for message in conversation(rng, "train"):
-            if message["role"] != "system":
-                lines.append(message["content"])
-        docs.append("\n".join(lines))
-    return docs
-
-
-BENCH_TASKS = ("add", "sub", "mul", "fact", "followup_math", "followup_fact", "spell",
-               "count", "followup_word", "describe", "chat")  # fmt: skip
-_TASK_FORMS = {
-    "add": ("add",), "sub": ("sub", "diff"), "mul": ("mul",),
-    "fact": ("capital", "colour", "sound"), "spell": ("spell",),
-    "count": ("count", "count_letter"), "describe": ("describe",),
-    "chat": ("greet", "thanks", "identity"),
-    "followup_math": ("add", "sub", "mul"), "followup_fact": ("capital", "colour", "sound"),
-    "followup_word": ("spell", "count"),
-}  # fmt: skip
-
-
-def prompts(
-    n_per_task: int, seed: int = 0, split: str = "heldout", tasks: tuple[str, ...] = BENCH_TASKS
-) -> list[tuple[str, list[dict]]]:
-    """Prompts ending in a user turn whose question is in ``split``, about ``n_per_task`` per
-    task, as ``(task, messages)``.
-
-    A follow-up prompt carries its earlier exchange (a training question) with a right (plain)
-    answer in context, so it measures using the earlier turns on a held-out question.
-    """
-    rng = random.Random(seed)
-    out = []
-    for task in tasks:
-        for _ in range(n_per_task):
-            form = rng.choice(_TASK_FORMS[task])
-            context: list[dict] = []
-            if task.startswith("followup"):
-                base = _in_split(lambda f=form: _sample_fresh(f, rng), "train")
-                drawn = base and _in_split(lambda b=base[1]: _sample_followup(b, rng), split)
-                if base:
-                    context = [
-                        {"role": "user", "content": base[0]},
-                        {"role": "assistant", "content": reply(base[1], "plain", rng)},
-                    ]
-            else:
-                drawn = _in_split(lambda f=form: _sample_fresh(f, rng), split)
-            if drawn:
-                out.append((task, [*context, {"role": "user", "content": drawn[0]}]))
-    return out
-
-
-def tokenizer_texts(n: int = 4000, seed: int = 0) -> list[str]:
-    """Text the tokenizer is trained on: demonstrations and small talk, every phrasing."""
-    texts = [m["content"] for d in demonstrations(n, seed) for m in d["messages"]]
-    texts += [p for ps in QUESTIONS.values() for p in ps]
-    return texts

@@ -6,7 +6,12 @@ unless the user asked for a training command.
 
 A module named here provides ``register(parser, command)``: it adds its arguments and sets
 ``func`` (``args -> exit code``) with ``parser.set_defaults``. Handlers raise ``CLIError`` for
-bad input; it becomes one line on stderr and exit status 2, never a traceback.
+bad input, learn/ code raises ``learn.errors.LearnError``; either becomes one line on stderr and
+exit status 2, never a traceback.
+
+This package is the top of the import graph: it composes serve/, ui/ and learn/ (the app with
+its pages and the built-in model in ``up``, the trainers in ``train``, the worker in
+``worker``), and nothing imports it.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from learn.errors import LearnError
+
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("serve.cli_up", "start the chat API and pages (and a learning worker)"),
-    "worker": ("learn.cli_worker", "run a learning worker (Celery) on the configured Redis"),
-    "learn": ("learn.cli_worker", "learning-loop commands: `learn round` runs one now"),
-    "train": ("learn.cli_train", "offline training: pretrain | sft | reward | ppo"),
-    "checkpoints": ("serve.cli_admin", "list checkpoint versions and aliases"),
-    "promote": ("serve.cli_admin", "make VERSION live"),
-    "rollback": ("serve.cli_admin", "make the previous version live again"),
-    "feedback": ("serve.cli_feedback", "rankings: `feedback export`, `feedback stats`"),
-    "simulate": ("learn.simulate", "simulated users chatting and ranking via the HTTP API"),
-    "bench": ("learn.bench", "benchmarks: serve | ingest | loop | swap | ppo | model"),
+    "up": ("serve.cli.up", "start the chat API and pages (and a learning worker)"),
+    "worker": ("serve.cli.worker", "run a learning worker (Celery) on the configured Redis"),
+    "learn": ("serve.cli.worker", "learning-loop commands: `learn round` runs one now"),
+    "train": ("serve.cli.train", "offline training: pretrain | sft | reward | ppo"),
+    "checkpoints": ("serve.cli.admin", "list checkpoint versions and aliases"),
+    "promote": ("serve.cli.admin", "make VERSION live"),
+    "rollback": ("serve.cli.admin", "make the previous version live again"),
+    "feedback": ("serve.cli.feedback", "rankings: `feedback export`, `feedback stats`"),
+    "simulate": ("serve.cli.simulate", "simulated users chatting and ranking via the HTTP API"),
+    "bench": ("serve.cli.bench", "benchmarks: serve | ingest | loop | swap | ppo | model"),
     "config": ("serve.cli", "print every setting with its environment variable"),
 }
 
@@ -79,16 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(args.func(args) or 0)
-    except CLIError as exc:
+    except (CLIError, LearnError) as exc:
         print(f"loopchat {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    # Run the imported module's main: under `python -m` this file is also `__main__`, and its
-    # CLIError would not be the class command modules raise.
-    from serve.cli import main as _main
-
-    sys.exit(_main())

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from learn.bench_common import (
+from learn.bench.common import (
     add_common_arguments,
     bench_redis,
     figure,
@@ -27,8 +27,8 @@ from learn.bench_common import (
     service,
     write_result,
 )
+from learn.errors import LearnError
 from learn.simulate import ServiceClient
-from serve.cli import CLIError
 
 NAME = "bench-serve"
 TARGET_RATIO = 3.0
@@ -56,9 +56,9 @@ def _int_list(raw: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in raw.split(",") if v.strip()]
     except ValueError:
-        raise CLIError(f"{flag} must be comma-separated integers, not {raw!r}") from None
+        raise LearnError(f"{flag} must be comma-separated integers, not {raw!r}") from None
     if not values or min(values) < 1:
-        raise CLIError(f"{flag} must list positive integers")
+        raise LearnError(f"{flag} must list positive integers")
     return values
 
 
@@ -107,7 +107,7 @@ async def _level(
 
 
 async def _measure(url: str, levels: list[int], args: argparse.Namespace) -> list[dict]:
-    from learn.corpus import prompts as corpus_prompts
+    from learn.builtin.corpus import prompts as corpus_prompts
 
     prompts = [messages for _, messages in corpus_prompts(8, seed=11, split="heldout")]
     client = ServiceClient(url, timeout_s=600)
@@ -122,10 +122,10 @@ async def _measure(url: str, levels: list[int], args: argparse.Namespace) -> lis
 def run(args: argparse.Namespace) -> int:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - {"vllm", "hf"}:
-        raise CLIError(f"--engines must list vllm and/or hf, not {args.engines!r}")
+        raise LearnError(f"--engines must list vllm and/or hf, not {args.engines!r}")
     levels = _int_list(args.concurrency, "--concurrency")
     if args.n < 1 or args.max_tokens < 1 or args.requests < 1 or args.seconds <= 0:
-        raise CLIError("--n, --max-tokens, --requests and --seconds must be positive")
+        raise LearnError("--n, --max-tokens, --requests and --seconds must be positive")
     model = model_dir(args.model)
 
     results: dict[str, list[dict]] = {}

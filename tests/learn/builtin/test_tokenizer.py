@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from learn import corpus
-from learn.tokenizer import train_tokenizer
+from learn.builtin import corpus
+from learn.builtin.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from learn.bench_common import figure, machine, save_figure, scratch_dir, write_result
-from serve.cli import CLIError
+from learn.bench.common import figure, machine, save_figure, scratch_dir, write_result
+from learn.errors import LearnError
 
 NAME = "bench-ppo"
 TRL_VERSION = "1.12.0"
@@ -75,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_models(work: Path, preset: str) -> tuple[Path, Path, int]:
     """A random ``preset`` policy (also the reference) and a reward model on the same backbone
     (untrained head, normalisation 0/1): the models only have to cost what real ones cost."""
-    from learn import corpus
-    from learn.presets import new_model, save_model
+    from learn.builtin import corpus
+    from learn.builtin.presets import new_model
+    from learn.builtin.tokenizer import train_tokenizer
+    from learn.modeling import save_model
     from learn.reward import init_reward_model
-    from learn.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(corpus.tokenizer_texts(2000), vocab_size=1024)
     policy = new_model(preset, tokenizer, seed=0)
@@ -91,7 +92,7 @@ def build_models(work: Path, preset: str) -> tuple[Path, Path, int]:
 
 
 def bench_prompts() -> list[list[dict[str, str]]]:
-    from learn import corpus
+    from learn.builtin import corpus
 
     return [messages for _, messages in corpus.prompts(4, seed=0)]
 
@@ -156,7 +157,7 @@ def run_trl(
     }  # fmt: skip
     spec_path, result_path = work / "trl-spec.json", work / "trl-result.json"
     spec_path.write_text(json.dumps(spec))
-    script = Path(__file__).with_name("bench_ppo_trl.py")
+    script = Path(__file__).with_name("ppo_trl.py")
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     done = subprocess.run(
         [str(python), str(script), str(spec_path), str(result_path)],
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from serve.settings import Settings
 
     if min(args.steps, args.batch_size, args.response_length, args.ppo_epochs, args.rounds) < 1:
-        raise CLIError(
+        raise LearnError(
             "--steps, --batch-size, --response-length, --ppo-epochs and --rounds must be >= 1"
         )
     config = PPOConfig(

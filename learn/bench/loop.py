@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from learn.bench_common import (
+from learn.bench.common import (
     add_common_arguments,
     bench_redis,
     figure,
@@ -40,14 +38,16 @@ from learn.bench_common import (
     service,
     write_result,
 )
+from learn.errors import LearnError
 from learn.simulate import (
     ServiceClient,
     SimulationConfig,
     load_preference,
     measure_rate,
     run_simulation,
+    wait_for_round,
+    wait_for_version,
 )
-from serve.cli import CLIError
 
 NAME = "bench-loop"
 TARGET_LIVE_S = 120.0
@@ -88,38 +88,9 @@ class Deadline:
         return max(0.0, self.end - time.monotonic())
 
 
-async def wait_for_round(
-    url: str, admin_headers: dict[str, str], known: set[str], timeout_s: float
-) -> dict[str, Any] | None:
-    """The first round record (``GET /admin/loop``) whose id is not in ``known``, or None."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=url, headers=admin_headers, timeout=30) as admin:
-        while time.monotonic() < deadline:
-            response = await admin.get("/admin/loop", params={"rounds": 1000})
-            response.raise_for_status()
-            for record in response.json()["rounds"]:
-                if record["round"] not in known:
-                    return record
-            await asyncio.sleep(0.5)
-    return None
-
-
-async def wait_for_version(client: ServiceClient, version: str, timeout_s: float) -> float | None:
-    """Wall time (``time.time()``) of the first chat completion answered by ``version``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        reply = await client.complete(
-            [{"role": "user", "content": "Hi!"}], 1, "bench-probe", max_tokens=1
-        )
-        if reply.system_fingerprint == version:
-            return time.time()
-        await asyncio.sleep(0.05)
-    return None
-
-
 def eval_prompts(per_task: int) -> list[list[dict]]:
     """Fixed held-out prompts (a seed of their own; the users' chats leave their questions out)."""
-    from learn.corpus import prompts
+    from learn.builtin.corpus import prompts
 
     return [messages for _, messages in prompts(per_task, seed=1234, split="heldout")]
 
@@ -261,20 +232,20 @@ def verdict(measured: dict[str, Any], kl_budget: float) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     if args.round_every < 1 or args.rankings < args.round_every:
-        raise CLIError("--round-every must be at least 1 and at most --rankings")
+        raise LearnError("--round-every must be at least 1 and at most --rankings")
     if args.users < 1 or not 2 <= args.k <= 4 or args.max_minutes <= 0:
-        raise CLIError("--users must be >= 1, --k 2..4, --max-minutes positive")
+        raise LearnError("--users must be >= 1, --k 2..4, --max-minutes positive")
     try:
         load_preference(args.preference)
         loop_config = json.loads(args.loop_config) if args.loop_config else None
     except (ValueError, json.JSONDecodeError) as exc:
-        raise CLIError(str(exc)) from None
+        raise LearnError(str(exc)) from None
     from learn.loop import LoopConfig  # what the worker will run: defaults + these overrides
 
     try:
         kl_budget = LoopConfig().with_overrides(loop_config or {}).ppo.kl_target
     except (TypeError, ValueError) as exc:
-        raise CLIError(f"--loop-config: {exc}") from None
+        raise LearnError(f"--loop-config: {exc}") from None
     deadline = Deadline(args.max_minutes)
     model = model_dir(args.model)
     env = {

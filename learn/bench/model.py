@@ -1,7 +1,7 @@
 """``loopchat bench model``: how often a model answers the built-in tasks exactly right.
 
 Greedy answers (transformers ``generate``, batched) to the corpus's held-out prompts, judged by
-``corpus.check_answer``: the share right per task (sums, differences, products, facts, follow-ups
+``grader.check_answer``: the share right per task (sums, differences, products, facts, follow-ups
 on numbers, facts and words, spelling, counting, descriptions, small talk). Written as
 ``<out>/model.json`` with a few wrong answers per task, and a bar plot ``<out>/model.png``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn import corpus
+from learn.builtin import corpus, grader
 
 
 @torch.no_grad()
@@ -55,11 +55,11 @@ def evaluate_model(
     wrong: dict[str, list[dict]] = {}
     for (task, messages), answer in zip(prompts, answers, strict=True):
         total[task] = total.get(task, 0) + 1
-        if corpus.check_answer(messages, answer):
+        if grader.check_answer(messages, answer):
             right[task] = right.get(task, 0) + 1
         elif len(wrong.setdefault(task, [])) < 3:
             wrong[task].append({"prompt": messages, "answer": answer,
-                                "expected": corpus.solve(messages).gold})  # fmt: skip
+                                "expected": grader.solve(messages).gold})  # fmt: skip
     accuracy = {task: round(right.get(task, 0) / n, 4) for task, n in total.items()}
     return {
         "model": str(model_dir),
@@ -88,11 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from learn.bench_common import figure, model_dir, save_figure, write_result
-    from serve.cli import CLIError
+    from learn.bench.common import figure, model_dir, save_figure, write_result
+    from learn.errors import LearnError
 
     if args.per_task < 1:
-        raise CLIError("--per-task must be at least 1")
+        raise LearnError("--per-task must be at least 1")
     path = model_dir(args.model)
     result = evaluate_model(path, args.per_task, args.seed, args.split)
     builtin = path / "builtin.json"

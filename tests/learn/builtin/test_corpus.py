@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from learn import corpus
-from learn.corpus import check_answer, solve
+from learn.builtin import corpus, grader, tasks
+from learn.builtin.grader import check_answer, solve
 
 
 def user(text: str) -> dict:
@@ -82,7 +82,7 @@ def test_check_answer_rules(question: str, answer: str, right: bool):
 def test_training_data_never_contains_a_held_out_question():
     held_out = corpus.prompts(30, seed=1, split="heldout")
     held_keys = {solve(messages).key for _, messages in held_out}
-    assert all(corpus.split_of(key) == "heldout" for key in held_keys if key is not None)
+    assert all(tasks.split_of(key) == "heldout" for key in held_keys if key is not None)
     training_keys = set()
     for demo in corpus.demonstrations(3000, seed=0):
         messages = demo["messages"]
@@ -90,7 +90,7 @@ def test_training_data_never_contains_a_held_out_question():
             if message["role"] == "user":
                 training_keys.add(solve(messages[: i + 1]).key)
     assert not (held_keys - {None}) & training_keys
-    assert corpus.split_of(("add", 37, 45)) == corpus.split_of(("add", 37, 45))  # stable
+    assert tasks.split_of(("add", 37, 45)) == tasks.split_of(("add", 37, 45))  # stable
 
 
 def test_prompts_cover_every_task_and_end_with_a_user_turn():
@@ -104,13 +104,13 @@ def test_prompts_cover_every_task_and_end_with_a_user_turn():
 def test_answers_differ_in_length_and_politeness_so_rankings_carry_signal():
     question = solve([user("What is 21 + 21?")])
     rng = random.Random(0)
-    replies = {style: corpus.reply(question, style, rng) for style in corpus.STYLES}
-    brevity = {s: corpus.brevity(r) for s, r in replies.items()}
-    politeness = {s: corpus.politeness(r) for s, r in replies.items()}
+    replies = {style: corpus.reply(question, style, rng) for style in tasks.STYLES}
+    brevity = {s: grader.brevity(r) for s, r in replies.items()}
+    politeness = {s: grader.politeness(r) for s, r in replies.items()}
     assert brevity["brief"] > brevity["plain"] > brevity["verbose"]
     assert politeness["polite"] > politeness["brief"] == 0
     assert all(check_answer([user("What is 21 + 21?")], r) for r in replies.values())
-    assert corpus.PREFERENCES["correct"]([user("What is 21 + 21?")], "43") == 0.0
+    assert grader.PREFERENCES["correct"]([user("What is 21 + 21?")], "43") == 0.0
 
 
 def test_pretraining_text_is_plain_questions_and_answers():

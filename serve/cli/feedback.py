@@ -40,7 +40,7 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
 
 def preference_pairs(event: dict[str, Any]) -> Iterator[dict[str, list[dict[str, str]]]]:
     """The chosen/rejected records one ranking event yields (none between tied candidates)."""
-    from serve.feedback import ranking_pairs
+    from serve.events import ranking_pairs
 
     def answer(index: int) -> list[dict[str, str]]:
         return [{"role": "assistant", "content": event["candidates"][index]}]
@@ -54,7 +54,7 @@ _TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment")
 
 def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Rankings, pairs, ties and all-bad counts, overall and per version and user."""
-    from serve.feedback import count_pairs
+    from serve.events import count_pairs
 
     totals: Counter[str] = Counter()
     per_version: Counter[str] = Counter()
@@ -78,7 +78,7 @@ def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _log():
-    from serve.feedback import FeedbackLog
+    from serve.events import FeedbackLog
     from serve.settings import Settings
     from serve.store import resolve_redis_url, sync_client
 

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from learn.bench_common import (
+from learn.bench.common import (
     add_common_arguments,
     bench_redis,
     figure,
@@ -34,8 +34,8 @@ from learn.bench_common import (
     service,
     write_result,
 )
+from learn.errors import LearnError
 from learn.simulate import ServiceClient
-from serve.cli import CLIError
 
 NAME = "bench-ingest"
 TARGET_PER_S = 1000
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _create_completions(url: str, count: int, k: int) -> list[str]:
-    from learn.corpus import prompts as corpus_prompts
+    from learn.builtin.corpus import prompts as corpus_prompts
 
     prompts = [m for _, m in corpus_prompts(max(1, count // 11 + 1), seed=5, split="heldout")]
     client = ServiceClient(url, timeout_s=600)
@@ -147,9 +147,9 @@ def _stream_ids(redis_url: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if min(args.seconds, args.connections, args.completions, args.max_rankings) <= 0:
-        raise CLIError("--seconds, --connections, --completions, --max-rankings must be positive")
+        raise LearnError("--seconds, --connections, --completions, --max-rankings must be positive")
     if not 2 <= args.k <= 4:
-        raise CLIError(f"--k must be 2, 3 or 4, not {args.k}")
+        raise LearnError(f"--k must be 2, 3 or 4, not {args.k}")
     model = model_dir(args.model)
     # No access log: at these rates one line per request is what an operator turns off first.
     env = {"LOOPCHAT_FEEDBACK_RATE": str(10**9), "LOOPCHAT_MAX_N": str(args.k),

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from learn.bench_common import bench_redis, latency_stats, percentile
-from serve.cli import CLIError
+from learn.bench.common import bench_redis, latency_stats, percentile
+from learn.errors import LearnError
 
 
 def test_percentiles_interpolate_between_ordered_values() -> None:
@@ -24,7 +24,7 @@ def test_a_database_holding_loopchat_keys_is_refused_and_left_alone(
 ) -> None:
     client = redis.Redis.from_url(redis_url)
     client.set("loopchat:registry:seq:policy", 3)
-    with pytest.raises(CLIError, match="already holds loopchat keys"):
+    with pytest.raises(LearnError, match="already holds loopchat keys"):
         with bench_redis(redis_url, tmp_path):
             pass
     assert client.get("loopchat:registry:seq:policy") == b"3"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from learn.bench_loop import verdict
+from learn.bench.loop import verdict
 
 
 def point(rankings: int, rate: float, version: str = "v1") -> dict:

@@ -1,0 +1,1 @@
+"""Benchmarks: each module is one `loopchat bench NAME` writing JSON and a PNG under results/."""

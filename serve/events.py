@@ -1,0 +1,203 @@
+"""What crosses from serve/ to learn/: the feedback event, rankings, and the loop's Redis keys.
+
+The API writes one :class:`FeedbackEvent` per ranking to the Stream ``loopchat:feedback``
+(``serve.feedback``); the learner reads it back through :class:`FeedbackLog` and records its
+rounds under ``loopchat:loop:*``. Both sides take the event's shape, the ranking rules and every
+key name from here, so they cannot drift apart. Nothing here imports training code or FastAPI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, TypedDict
+
+import redis
+
+from serve.store import key
+
+Messages = list[dict[str, str]]
+
+
+class FeedbackEvent(TypedDict):
+    """One ranking, self-contained: everything a learner needs, with no completion to look up
+    (completions expire; rankings are training data for good)."""
+
+    id: str  # "fb-<hex>", also the dedupe value of (completion, user)
+    completion_id: str
+    messages: Messages  # the prompt conversation the candidates answer
+    candidates: list[str]  # the answers' text, from the stored completion (never the client)
+    ranking: list[list[int]]  # best-to-worst tie groups of candidate indices
+    all_bad: bool
+    user: str | None
+    comment: str | None
+    version: str  # the checkpoint that produced the candidates
+    time: float  # unix time of the ranking
+
+
+# --- the feedback stream and the loop's keys ---------------------------------------------------
+
+STREAM = key("feedback")  # the Stream of FeedbackEvents, one per ranking
+GROUP = "learner"  # the consumer group learning rounds read through
+SINCE_ROUND = key("loop", "since_round")  # rankings since the last triggered round
+ROUNDS = key("loop", "rounds")  # JSON round records, oldest first
+LAST_ID = key("loop", "last_id")  # newest stream id a committed round consumed
+COUNTED = key("loop", "counted")  # stream ids committed but not yet acked
+ROUND_LOCK = key("loop", "lock")  # one round at a time
+
+
+def round_key(round_id: str) -> str:
+    """The committed record of one round (what makes a redelivered round a replay)."""
+    return key("loop", "round", round_id)
+
+
+# --- rankings ---------------------------------------------------------------------------------
+
+
+def normalise_ranking(ranking: list[int | list[int]]) -> list[list[int]]:
+    """Best-to-worst tie groups: a bare index is a group of one (a flat list means no ties)."""
+    return [list(item) if isinstance(item, list) else [item] for item in ranking]
+
+
+def ranking_problem(groups: list[list[int]], n_candidates: int, all_bad: bool) -> str | None:
+    """What is wrong with a ranking of ``n_candidates`` candidates, or None when it is valid.
+
+    A ranking names every candidate exactly once; an empty ranking is only allowed as
+    "all bad" (nothing to order, but still a signal).
+    """
+    if not groups:
+        if all_bad:
+            return None
+        return "ranking is empty; send a best-to-worst order, or [] with all_bad: true"
+    valid = f"the completion has {n_candidates} candidates, indices 0..{n_candidates - 1}"
+    seen: set[int] = set()
+    for position, group in enumerate(groups):
+        if not group:
+            return f"ranking[{position}] is an empty tie group"
+        for index in group:
+            if not 0 <= index < n_candidates:
+                return f"ranking names candidate {index}, but {valid}"
+            if index in seen:
+                return f"ranking names candidate {index} more than once"
+            seen.add(index)
+    missing = sorted(set(range(n_candidates)) - seen)
+    if missing:
+        names = ", ".join(map(str, missing))
+        return f"ranking is missing candidate(s) {names}; {valid}, each named exactly once"
+    return None
+
+
+def ranking_pairs(groups: list[list[int]]) -> Iterator[tuple[int, int]]:
+    """(better, worse) candidate pairs a ranking implies; members of one tie group give none."""
+    for position, better_group in enumerate(groups):
+        for worse_group in groups[position + 1 :]:
+            for better in better_group:
+                for worse in worse_group:
+                    yield better, worse
+
+
+def count_pairs(groups: list[list[int]]) -> int:
+    return sum(1 for _ in ranking_pairs(groups))
+
+
+def has_preference(event: FeedbackEvent) -> bool:
+    """Whether a ranking orders at least two answers (all-bad or all-tied rankings don't)."""
+    return next(ranking_pairs(normalise_ranking(event["ranking"])), None) is not None
+
+
+# --- reading the stream -------------------------------------------------------------------------
+
+
+class FeedbackLog:
+    """The learner's view of the feedback stream, through the consumer group ``learner``.
+
+    Entries are ``(stream entry id, event dict)``. ``client`` must decode responses
+    (``serve.store.sync_client``).
+    """
+
+    def __init__(self, client: redis.Redis, stream: str = STREAM, group: str = GROUP) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; starts from the first ranking ever."""
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @staticmethod
+    def _decode(
+        entries: list[tuple[str, dict[str, str] | None]],
+    ) -> list[tuple[str, FeedbackEvent]]:
+        return [(entry_id, json.loads(fields["event"])) for entry_id, fields in entries if fields]
+
+    def _in_group(self, command: Callable[[], Any]) -> Any:
+        """Run a group command, creating the group first if Redis does not know it (yet)."""
+        try:
+            return command()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        self.ensure_group()
+        return command()
+
+    def read_new(
+        self, consumer: str, count: int, block_ms: int | None = None
+    ) -> list[tuple[str, FeedbackEvent]]:
+        """Entries never delivered to the group; they stay pending for ``consumer`` until acked."""
+        reply = self._in_group(
+            partial(
+                self.client.xreadgroup,
+                self.group,
+                consumer,
+                {self.stream: ">"},
+                count=count,
+                block=block_ms,
+            )
+        )
+        return self._decode(reply[0][1]) if reply else []
+
+    def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[str, FeedbackEvent]]:
+        """Take over every entry another consumer has held unacked for ``min_idle_ms``."""
+        claimed: list[tuple[str, FeedbackEvent]] = []
+        cursor = "0-0"
+        while True:
+            reply = self._in_group(
+                partial(
+                    self.client.xautoclaim,
+                    self.stream,
+                    self.group,
+                    consumer,
+                    min_idle_ms,
+                    start_id=cursor,
+                    count=100,
+                )
+            )
+            cursor, entries = reply[0], reply[1]
+            claimed += self._decode(entries)
+            if cursor == "0-0":
+                return claimed
+
+    def ack(self, ids: list[str]) -> int:
+        """Mark entries as used; returns how many were pending."""
+        return self.client.xack(self.stream, self.group, *ids) if ids else 0
+
+    def events(
+        self, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[tuple[str, FeedbackEvent]]:
+        """Stored rankings in stream order (all of them by default), regardless of the group."""
+        return self._decode(self.client.xrange(self.stream, start, end, count=count))
+
+    def iter_events(self, page: int = 1000) -> Iterator[tuple[str, FeedbackEvent]]:
+        """Every stored ranking, read ``page`` at a time so a long stream never sits in memory."""
+        start = "-"
+        while batch := self.events(start, "+", count=page):
+            yield from batch
+            start = f"({batch[-1][0]}"
+
+    def length(self) -> int:
+        return self.client.xlen(self.stream)
