@@ -1,27 +1,35 @@
 """The promotion gate: may this candidate replace the live policy?
 
-Checks, cheapest first (a failing check that makes the later ones meaningless stops the gate):
+It refuses only what must not go live — a broken checkpoint, one that drifted past its KL
+budget, or one measurably *worse* than live — because a refused round's learning is not lost
+(the next round continues from the candidate, ``learn.learner``): the gate decides what users
+see, not what the learner remembers. Checks, cheapest first (a check that makes the later ones
+meaningless stops the gate):
 
 1. **finite** — every weight is finite (a single NaN answers garbage or crashes the engine);
 2. **generates** — the checkpoint loads in transformers and samples answers whose log-probs
    are finite;
-3. **KL to live** — on held-out prompts, answers sampled from the candidate; the sequence KL
-   estimate ``E[Σ_t log π_cand − log π_live]`` (nats per answer) is within ``kl_budget``, so
-   users never see a sudden jump in behaviour, however good the reward model thinks it is;
-4. **reward** — the reward model scores the candidate's answers not lower than the live
-   policy's on the same prompts (same seeds: common random numbers cut the noise);
-5. **agreement** — on held-out recent rankings (which the reward model never trained on) the
-   candidate gives the user-preferred answer the higher log-likelihood at least as often as
-   live does: the check that the policy moved towards what users said, not only towards the
-   reward model.
+3. **KL to SFT** — on the held-out prompts, answers sampled from the candidate; the sequence
+   KL estimate ``E[Σ_t log π_cand − log π_SFT]`` (nats per answer) is within ``kl_budget``:
+   the constraint every learner trains under, checked on prompts none of them saw (the KL to
+   live is reported beside it);
+4. **reward** — the reward model scores the candidate's sampled answers against live's on the
+   same held-out prompts (same seeds: common random numbers cut the noise), paired by prompt;
+5. **agreement** — on the held-out rankings (which neither the reward model nor the policy
+   trained on): did the candidate move toward what users preferred? Per pair (preferred w,
+   other l) the margin ``[log π_c(w) − log π_live(w)] − [log π_c(l) − log π_live(l)]`` (DPO's
+   implicit reward of the candidate against live); positive means it raised the preferred
+   answer relative to the other.
 
-Checks 4 and 5 are estimates from a few prompts and a few dozen pairs, so "not lower" means
-"not lower by more than ``significance`` standard errors of the paired difference" (and the
-fixed tolerance): with a bare comparison a candidate exactly as good as live fails half the
-time, and the loop stalls on noise (seen in ``loopchat bench loop``: 5 of 8 refused).
+Checks 4 and 5 fail only when the candidate is worse than live by more than ``significance``
+(2) standard errors: a paired one over prompts for the reward, one *clustered by completion*
+for the agreement — the C(K,2) pairs of one ranking share their answers and are not
+independent, so their margins are averaged per ranking first and the error is taken over
+rankings.
 
-The result is a JSON-able dict: ``passed``, ``reasons`` (failed checks, empty when passed),
-``reason`` (one line, for the registry and the ops page) and the numbers behind each check.
+The result is a JSON-able dict: ``passed``, ``reasons`` (each failed check with its numbers),
+``reason`` (one line, for the registry and the ops page) and every number measured, with the
+reward difference's standard error and 95% interval.
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from learn.modeling import load_causal_lm
-from learn.reward import load_reward_model, score
-from learn.tokens import answer_ids, answer_logprobs, encode_prompt
-from serve.events import Messages, normalise_ranking, ranking_pairs
+from learn.reward import load_reward_model, score_ids
+from learn.tokens import Encoded, answer_ids, answer_logprobs, encode_prompt, generate_answers
+from serve.events import FeedbackEvent, Messages, normalise_ranking, ranking_pairs
 from serve.registry import weights_finite
 
 
@@ -44,113 +52,104 @@ from serve.registry import weights_finite
 class GateConfig:
     """Budgets and sample sizes of the gate."""
 
-    prompts: int = field(default=16, metadata={"help": "Held-out prompts sampled for KL/reward."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Length of sampled answers."})
+    prompts: int = field(
+        default=32, metadata={"help": "Most held-out prompts sampled for KL and reward."}
+    )
+    samples_per_prompt: int = field(
+        default=4, metadata={"help": "Answers sampled per prompt from each model."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Length of sampled answers."})
     max_prompt_length: int = field(
         default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (as served)."})
     kl_budget: float = field(
-        default=4.0, metadata={"help": "Largest KL(candidate || live), nats per answer."}
-    )
-    reward_tolerance: float = field(
-        default=0.1,
-        metadata={
-            "help": "Candidate's mean normalised RM score may be this much below live's "
-            "(in reward standard deviations: sampling noise on a few prompts)."
-        },
-    )
-    agreement_tolerance: float = field(
-        default=0.0,
-        metadata={"help": "Candidate's held-out agreement may be this much below live's."},
+        default=6.0, metadata={"help": "Largest KL(candidate || SFT), nats per answer."}
     )
     significance: float = field(
-        default=1.0,
+        default=2.0,
         metadata={
-            "help": "The reward and agreement checks fail only when the candidate is worse by "
-            "more than this many standard errors of the paired difference (and the tolerance)."
+            "help": "The reward and agreement checks fail only when the candidate is worse "
+            "than live by more than this many standard errors."
         },
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both models)."})
 
 
-def encode(
-    tokenizer: Any, messages: Messages, answer: list[int], config: GateConfig
-) -> tuple[list[int], int]:
-    """Token ids of prompt + answer, and where the answer starts."""
-    prompt = encode_prompt(tokenizer, messages, config.max_prompt_length)
-    return prompt + answer, len(prompt)
+def paired_difference(candidate: torch.Tensor, live: torch.Tensor) -> dict[str, float]:
+    """Mean of ``candidate − live`` with its standard error and 95% interval (normal
+    approximation; a single pair has no spread, so its error is 0)."""
+    return mean_with_error(candidate - live)
 
 
-@torch.no_grad()
+def mean_with_error(values: torch.Tensor) -> dict[str, float]:
+    """Mean, standard error and 95% interval of independent ``values``."""
+    n = len(values)
+    mean = values.mean().item()
+    se = values.std().item() / n**0.5 if n > 1 else 0.0
+    return {"mean": mean, "se": se, "low": mean - 1.96 * se, "high": mean + 1.96 * se, "n": n}
+
+
+def worse_beyond_noise(estimate: dict[str, float], significance: float) -> bool:
+    """Whether an estimated difference (candidate − live) is below zero by more than
+    ``significance`` standard errors."""
+    return estimate["mean"] < -significance * estimate["se"]
+
+
 def sample_answers(
-    model: PreTrainedModel, tokenizer: Any, prompts: list[Messages], config: GateConfig
+    model: PreTrainedModel, tokenizer: Any, prompt_ids: list[list[int]], config: GateConfig
 ) -> list[list[int]]:
-    """One sampled answer per prompt (token ids, ending in end-of-turn when the model ended
-    it), in one left-padded batch seeded with ``config.seed``: the same draws for both models."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    encoded = [encode(tokenizer, messages, [], config)[0] for messages in prompts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention[row, width - len(ids) :] = 1
+    """Sampled answers to ``prompt_ids`` (token ids, ending in end-of-turn when the model ended
+    it), seeded with ``config.seed``: the same draws for both models."""
     torch.manual_seed(config.seed)
-    out = model.generate(
-        input_ids,
-        attention_mask=attention,
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=config.max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
-    rows = out[:, width:].tolist()
-    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+    return generate_answers(
+        model, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        config.max_new_tokens, config.temperature,
+    )  # fmt: skip
 
 
-@torch.no_grad()
-def agreement(
-    model: PreTrainedModel, tokenizer: Any, events: list[dict], config: GateConfig
-) -> torch.Tensor:
-    """One value per held-out preference pair: 1 where ``model`` gives the preferred answer the
-    higher log-likelihood, ½ on a tie, 0 otherwise (the mean is the agreement rate)."""
-    sequences, offsets = [], []
+def ranking_sequences(
+    tokenizer: Any, events: list[FeedbackEvent], config: GateConfig
+) -> tuple[list[Encoded], list[list[tuple[int, int]]]]:
+    """Every candidate of every held-out ranking as (ids, answer start), and per ranking its
+    (better, worse) pairs as indices into that list."""
+    sequences: list[Encoded] = []
+    pairs: list[list[tuple[int, int]]] = []
     for event in events:
-        offsets.append(len(sequences))
-        sequences += [
-            encode(tokenizer, event["messages"], answer_ids(tokenizer, c), config)
-            for c in event["candidates"]
+        offset = len(sequences)
+        prompt = encode_prompt(tokenizer, event["messages"], config.max_prompt_length)
+        sequences += [(prompt + answer_ids(tokenizer, c), len(prompt)) for c in event["candidates"]]
+        pairs.append(
+            [
+                (offset + b, offset + w)
+                for b, w in ranking_pairs(normalise_ranking(event["ranking"]))
+            ]
+        )
+    return sequences, pairs
+
+
+def agreement_margins(
+    candidate_logp: torch.Tensor, live_logp: torch.Tensor, pairs: list[list[tuple[int, int]]]
+) -> torch.Tensor:
+    """One value per ranking: the mean over its pairs of the candidate-vs-live implicit reward
+    margin (module docstring, check 5). Rankings with no pair are left out."""
+    shift = candidate_logp - live_logp
+    return torch.tensor(
+        [
+            sum(shift[b] - shift[w] for b, w in ranking).item() / len(ranking)
+            for ranking in pairs
+            if ranking
         ]
-    logp = answer_logprobs(model, sequences, tokenizer.pad_token_id)
-    hits = []
-    for event, offset in zip(events, offsets, strict=True):
-        for better, worse in ranking_pairs(normalise_ranking(event["ranking"])):
-            won, lost = logp[offset + better], logp[offset + worse]
-            hits.append(1.0 if won > lost else 0.5 if won == lost else 0.0)
-    return torch.tensor(hits)
-
-
-def worse_beyond_noise(
-    candidate: torch.Tensor, live: torch.Tensor, tolerance: float, significance: float
-) -> bool:
-    """Whether paired measurements say the candidate is worse than live: its mean is below
-    live's by more than ``tolerance`` and by more than ``significance`` standard errors of the
-    paired differences (one pair: no spread to judge by, the tolerance alone decides)."""
-    difference = candidate - live
-    spread = difference.std().item() / len(difference) ** 0.5 if len(difference) > 1 else 0.0
-    return difference.mean().item() < -max(tolerance, significance * spread)
+    )
 
 
 @torch.no_grad()
 def evaluate_gate(
     candidate_dir: Path,
     live_dir: Path,
+    reference_dir: Path,
     reward_dir: Path | None,
-    heldout_events: list[dict],
+    heldout_events: list[FeedbackEvent],
     prompts: list[Messages],
     config: GateConfig,
 ) -> dict[str, Any]:
@@ -166,60 +165,71 @@ def evaluate_gate(
 
     result["finite"] = weights_finite(candidate_dir)
     if not result["finite"]:
-        result["reasons"].append("weights are not finite (NaN or inf)")
+        result["reasons"].append("finite: weights are not finite (NaN or inf)")
         return verdict()
 
     tokenizer = AutoTokenizer.from_pretrained(candidate_dir)
-    prompts = prompts[: config.prompts]
+    prompt_ids = [
+        encode_prompt(tokenizer, messages, config.max_prompt_length)
+        for messages in prompts[: config.prompts]
+        for _ in range(config.samples_per_prompt)
+    ]
+    result["prompts"] = len(prompt_ids) // config.samples_per_prompt
+    pad = tokenizer.pad_token_id
     try:
         candidate = load_causal_lm(candidate_dir)
-        cand_answers = sample_answers(candidate, tokenizer, prompts, config)
-        sequences = [
-            encode(tokenizer, p, a, config) for p, a in zip(prompts, cand_answers, strict=True)
-        ]
-        cand_logp = answer_logprobs(candidate, sequences, tokenizer.pad_token_id)
+        cand_answers = sample_answers(candidate, tokenizer, prompt_ids, config)
+        sequences = [(p + a, len(p)) for p, a in zip(prompt_ids, cand_answers, strict=True)]
+        cand_logp = answer_logprobs(candidate, sequences, pad)
     except Exception as exc:  # any failure to load or run is the verdict, not a crash
         result["generates"] = False
-        result["reasons"].append(f"does not load and generate: {type(exc).__name__}: {exc}")
+        result["reasons"].append(
+            f"generates: does not load and sample: {type(exc).__name__}: {exc}"
+        )
         return verdict()
     result["generates"] = bool(torch.isfinite(cand_logp).all())
     if not result["generates"]:
-        result["reasons"].append("generated answers have non-finite log-probabilities")
+        result["reasons"].append("generates: sampled answers have non-finite log-probabilities")
         return verdict()
 
     live = load_causal_lm(live_dir)
-    live_logp = answer_logprobs(live, sequences, tokenizer.pad_token_id)
-    result["kl"] = float((cand_logp - live_logp).mean())
-    if result["kl"] > config.kl_budget:
-        result["reasons"].append(f"KL to live {result['kl']:.3f} > budget {config.kl_budget}")
+    result["kl_to_sft"] = float(
+        (cand_logp - answer_logprobs(load_causal_lm(reference_dir), sequences, pad)).mean()
+    )
+    result["kl_to_live"] = float((cand_logp - answer_logprobs(live, sequences, pad)).mean())
+    if result["kl_to_sft"] > config.kl_budget:
+        result["reasons"].append(
+            f"KL: {result['kl_to_sft']:.3f} nats to SFT > budget {config.kl_budget}"
+        )
 
     if reward_dir is not None:
         rm = load_reward_model(reward_dir)
-        live_answers = sample_answers(live, tokenizer, prompts, config)
-        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in cand_answers]
-        live_texts = [tokenizer.decode(a, skip_special_tokens=True) for a in live_answers]
-        cand_rewards = score(rm, tokenizer, prompts, texts)
-        live_rewards = score(rm, tokenizer, prompts, live_texts)
+        live_answers = sample_answers(live, tokenizer, prompt_ids, config)
+        live_sequences = [(p + a, len(p)) for p, a in zip(prompt_ids, live_answers, strict=True)]
+        per_prompt = config.samples_per_prompt
+        cand_rewards = score_ids(rm, sequences, pad).view(-1, per_prompt).mean(1)
+        live_rewards = score_ids(rm, live_sequences, pad).view(-1, per_prompt).mean(1)
         result["reward_candidate"] = float(cand_rewards.mean())
         result["reward_live"] = float(live_rewards.mean())
-        if worse_beyond_noise(
-            cand_rewards, live_rewards, config.reward_tolerance, config.significance
-        ):
+        result["reward_difference"] = estimate = paired_difference(cand_rewards, live_rewards)
+        if worse_beyond_noise(estimate, config.significance):
             result["reasons"].append(
-                f"reward {result['reward_candidate']:.3f} below live's {result['reward_live']:.3f}"
+                f"reward: {estimate['mean']:+.3f} ± {estimate['se']:.3f} (SE) against live "
+                f"over {estimate['n']} prompts, worse by more than {config.significance} SE"
             )
 
-    cand_hits = agreement(candidate, tokenizer, heldout_events, config) if heldout_events else []
-    if len(cand_hits):
-        live_hits = agreement(live, tokenizer, heldout_events, config)
-        result["heldout_pairs"] = len(cand_hits)
-        result["agreement_candidate"] = float(cand_hits.mean())
-        result["agreement_live"] = float(live_hits.mean())
-        if worse_beyond_noise(
-            cand_hits, live_hits, config.agreement_tolerance, config.significance
-        ):
+    sequences, pairs = ranking_sequences(tokenizer, heldout_events, config)
+    if any(pairs):
+        margins = agreement_margins(
+            answer_logprobs(candidate, sequences, pad), answer_logprobs(live, sequences, pad), pairs
+        )
+        result["heldout_rankings"] = len(margins)
+        result["heldout_pairs"] = sum(len(r) for r in pairs)
+        result["agreement_margin"] = estimate = mean_with_error(margins)
+        if worse_beyond_noise(estimate, config.significance):
             result["reasons"].append(
-                f"agrees with users on {result['agreement_candidate']:.1%} of held-out pairs, "
-                f"live on {result['agreement_live']:.1%}"
+                f"agreement: moved away from users' held-out choices, margin "
+                f"{estimate['mean']:+.3f} ± {estimate['se']:.3f} nats (SE over "
+                f"{estimate['n']} rankings), worse by more than {config.significance} SE"
             )
     return verdict()

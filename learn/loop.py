@@ -1,4 +1,4 @@
-"""One learning round: new rankings -> reward model -> PPO -> candidate -> gate -> (promote).
+"""One learning round: new rankings -> reward model -> learner -> candidate -> gate -> (promote).
 
 A round reads top to bottom in :func:`run_round`. It runs in the Celery worker
 (``learn.tasks.run_round``) or in the CLI (``loopchat learn round``); both call the same code.
@@ -12,11 +12,22 @@ have used stay in the stream for the next round.
 (``serve.events.FeedbackLog``). While a round holds the lock no other round runs, so anything
 still pending in the group was left by a round that died: the round first reclaims all of it
 (``reclaim_idle_ms``, default 0), then reads new entries, and acks them only after it is
-committed.
+committed. Every usable ranking reaches training exactly once (:func:`select_rankings`): the
+round trains on its new rankings and on those the previous round held out, and holds out the
+newest share (``heldout_fraction``) of them from the reward model *and* the learner, for the
+gate; those are trained on in the next round. Rankings that order nothing (all tied, all bad)
+are consumed and counted by reason (``loopchat:loop:unusable``). The reward model also replays
+the ``rm_replay`` rankings before them, warm-starting from the previous one.
+
+**Continuity.** The learner (``LOOPCHAT_LEARNER``: ppo, rloo, dpo or bon; ``learn.learner``)
+starts from the previous round's candidate and trainer state whether or not it was promoted
+(:func:`continuation`); its KL reference stays the SFT model; the gate decides only what goes
+live.
 
 **Idempotent.** The task id is the round id. A round is committed in one Redis transaction
-(round record, ``last_id``, the stream ids it consumed added to ``loopchat:loop:counted``) and
-only then are its entries acked (and removed from ``counted`` again). So:
+(round record, ``last_id``, the stream ids it consumed added to ``loopchat:loop:counted``, the
+held-out ids, the learner's position, the unusable counts) and only then are its entries acked
+(and removed from ``counted`` again). So:
 
 - a redelivered task whose round was committed finds ``loopchat:loop:round:<id>`` and returns
   the stored record without training again;
@@ -24,13 +35,11 @@ only then are its entries acked (and removed from ``counted`` again). So:
   acked, and not counted a second time;
 - a round that dies before committing counted nothing; its entries are reclaimed by the next.
 
-The reward model trains on the last ``rm_window`` rankings (default 256; 0 = all so far),
-not only the new ones, warm-starting from the previous one: "counting" means the new rankings a
-round reports and consumes from the group. A round that skips (lock taken, too few new
-rankings, no ranking that orders two answers) returns ``{"round", "skipped": reason}``,
-consumes nothing and writes nothing.
+A round that skips (lock taken, too few new rankings, no ranking that orders two answers)
+returns ``{"round", "skipped": reason}``, consumes nothing and writes nothing.
 
-Redis keys (prefix ``loopchat:loop:``), read by ``GET /admin/loop`` and the ops page:
+Redis keys (``serve.events``; prefix ``loopchat:loop:``), read by ``GET /admin/loop`` and the
+ops page:
 
 - ``rounds`` — list of JSON round records, oldest first (the last ``keep_rounds``). A finished
   round::
@@ -40,13 +49,15 @@ Redis keys (prefix ``loopchat:loop:``), read by ``GET /admin/loop`` and the ops 
      "stream": {"first": "<entry id>", "last": "<entry id>", "count": int},   # consumed
      "rankings_new": int,          # new rankings this round consumed (each counted once)
      "rankings_total": int,        # rankings in the stream when the round read it
-     "data_window": {"first": id, "last": id, "train": int, "heldout": int},  # RM's data
-     "live": "vN", "reference": "vN",      # PPO's start and its KL reference (sft)
+     "rankings_unusable": {"all_tied": int, "all_bad": int},   # of the new ones
+     "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int},
+     "live": "vN", "start": "vN", "reference": "vN",   # live, the learner's start, SFT
+     "learner": "dpo",
      "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
-     "ppo": {...learn.ppo metrics: reward_mean, kl, ..., "history": [per-step dicts]},
+     "policy": {...the learner's metrics (learn.ppo / rloo / dpo / bon)},
      "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
      "candidate": "vN", "promoted": bool,
-     "timings": {"read", "reward", "ppo", "register", "gate", "total"}}   # seconds
+     "timings": {"read", "reward", "learn", "register", "gate", "total"}}   # seconds
 
   A round that raised: ``{"round", "status": "failed", "started_at", "finished_at",
   "error"}`` (its rankings stay pending for the next round).
@@ -54,6 +65,9 @@ Redis keys (prefix ``loopchat:loop:``), read by ``GET /admin/loop`` and the ops 
   are "since the last round").
 - ``round:<id>`` — the committed record of round ``<id>`` (expires after a week).
 - ``counted`` — stream ids committed but possibly not yet acked (normally empty).
+- ``heldout`` — the ids the last round held out; ``learner`` — where the learner continues
+  from (the round record's ``continue_from``: learner, candidate, length of the registry
+  history then); ``unusable`` — counts of rankings that order nothing.
 - ``lock`` — the round lock. ``since_round`` — the trigger's counter (``serve/loop_trigger.py``).
 """
 
@@ -67,6 +81,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,19 +89,26 @@ from typing import Any
 import redis
 from redis.exceptions import LockError
 
+from learn.bon import BoNConfig
 from learn.data import ptx_texts
+from learn.dpo import DPOConfig
 from learn.gate import GateConfig, evaluate_gate
-from learn.ppo import PPOConfig, train_ppo
+from learn.learner import RoundData, learner, load_state
+from learn.ppo import PPOConfig
 from learn.reward import RewardConfig, train_reward_model
+from learn.rloo import RLOOConfig
 from serve.events import (
     COUNTED,
+    HELDOUT,
     LAST_ID,
+    LEARNER_STATE,
     ROUND_LOCK,
     ROUNDS,
+    UNUSABLE,
     FeedbackEvent,
     FeedbackLog,
-    has_preference,
     round_key,
+    unusable_reason,
 )
 from serve.registry import Registry
 from serve.settings import Settings
@@ -110,16 +132,25 @@ class LoopConfig:
         default=1,
         metadata={"help": "Skip the round (consume nothing) with fewer new rankings than this."},
     )
-    rm_window: int = field(
+    learner: str = field(
+        default="dpo",
+        metadata={"help": "ppo, rloo, dpo or bon (learn/learner.py); LOOPCHAT_LEARNER sets it."},
+    )
+    rm_replay: int = field(
         default=256,
         metadata={
-            "help": "Reward model trains on the last N rankings (0 = all so far). It warm-starts "
-            "from the last one, so a window bounds the round's time without forgetting."
+            "help": "Older rankings replayed with the new ones when the reward model refreshes "
+            "(0 = none). Every new ranking is always trained on; the replay only steadies the "
+            "warm-started model."
         },
     )
     heldout_fraction: float = field(
         default=0.1,
-        metadata={"help": "Most recent share of the window held out for RM accuracy and gate."},
+        metadata={
+            "help": "Newest share of the usable rankings held out of reward-model and policy "
+            "training this round: the gate judges the candidate on them. They are trained on "
+            "in the next round, so every ranking still reaches training once."
+        },
     )
     max_heldout: int = field(
         default=64, metadata={"help": "Cap on held-out rankings (the gate scores each one)."}
@@ -127,11 +158,10 @@ class LoopConfig:
     max_prompts: int = field(
         default=1024,
         metadata={
-            "help": "PPO prompts: the most recent distinct conversations of the whole stream, "
-            "not only the reward model's window. Many distinct prompts are what makes PPO's "
-            "gain carry over to new questions: offline, with the true correctness as reward, "
-            "6 x 1,024 episodes on 1,024 prompts raised held-out prompts by 7 points, on 128 "
-            "prompts by 2 (the training prompts' reward kept rising: memorised)."
+            "help": "Prompts of the on-policy learners (ppo, rloo, bon): the most recent distinct "
+            "conversations of the whole stream but the held-out ones. Many distinct prompts make "
+            "the gain carry over to new questions: offline, with the true correctness as reward, "
+            "PPO on 1,024 prompts raised held-out prompts by 7 points, on 128 prompts by 2."
         },
     )
     ptx_texts: int = field(
@@ -162,22 +192,30 @@ class LoopConfig:
     ppo: PPOConfig = field(
         default_factory=lambda: PPOConfig(
             engine="hf",
-            response_length=32,
+            response_length=48,
             steps=32,
             batch_size=64,
             mini_batch_size=64,
             ppo_epochs=2,
             learning_rate=5e-5,
+            missing_eos_penalty=1.0,
         ),
         metadata={
             "help": "PPO settings. Rollouts use transformers here: on the ~1M built-in model "
             "vLLM's start (~25 s) and per-step overhead cost more than the whole HF rollout; "
-            'set {"engine": "vllm"} for larger models and GPU workers. Answers of the built-in '
-            "tasks fit in 32 tokens. 32 steps of 64 episodes at lr 5e-5 (about 45 s on two "
-            "cores): offline, 8 rounds of 128 rankings raised the built-in model's held-out "
-            "rate by 9 points with 32 steps, 4 with 16; 48 steps or lr 8e-5 peaked higher, "
-            "then fell (KL up); smaller batches drifted."
+            'set {"engine": "vllm"} for larger models and GPU workers. 32 steps of 64 episodes '
+            "at lr 5e-5 (about 45 s on two cores); answers cut at 48 tokens lose 1 (in reward "
+            "standard deviations): the served alternates have 64."
         },
+    )
+    rloo: RLOOConfig = field(
+        default_factory=lambda: RLOOConfig(response_length=48),
+        metadata={"help": "RLOO settings (answers cut at 48 tokens, as PPO's)."},
+    )
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "DPO settings."})
+    bon: BoNConfig = field(
+        default_factory=lambda: BoNConfig(response_length=48),
+        metadata={"help": "Best-of-n distillation settings (answers cut at 48 tokens)."},
     )
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "Gate settings."})
 
@@ -200,9 +238,16 @@ class LoopConfig:
     def from_settings(
         cls, settings: Settings, overrides: dict[str, Any] | None = None
     ) -> LoopConfig:
-        """Defaults, then ``settings.loop_config`` (JSON), then ``overrides``."""
-        config = cls().with_overrides(json.loads(settings.loop_config or "{}"))
-        return config.with_overrides(overrides or {})
+        """Defaults, then ``settings`` (the learner, ``loop_config`` JSON), then ``overrides``."""
+        config = cls(learner=settings.learner)
+        config = config.with_overrides(json.loads(settings.loop_config or "{}"))
+        config = config.with_overrides(overrides or {})
+        learner(config.learner)  # an unknown name fails here, not in the middle of a round
+        return config
+
+    def learner_config(self) -> Any:
+        """The chosen learner's own config (``ppo``, ``rloo``, ``dpo`` or ``bon``)."""
+        return getattr(self, self.learner)
 
 
 class RoundLock:
@@ -260,30 +305,89 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def split_recent(
-    entries: list[Entry], fraction: float, cap: int
-) -> tuple[list[Entry], list[Entry]]:
-    """(train, held-out): the most recent ``fraction`` (at most ``cap``, at least one when there
-    are two or more) is held out, so the model is judged on what users said last."""
-    if len(entries) < 2 or fraction <= 0:
-        return entries, []
-    n_held = min(cap, len(entries) - 1, max(1, round(len(entries) * fraction)))
-    return entries[:-n_held], entries[-n_held:]
+@dataclass
+class RoundRankings:
+    """Which rankings a round uses, and how (see the module docstring)."""
+
+    train: list[Entry]  # new and carried-over usable rankings: each reaches training here, once
+    heldout: list[Entry]  # the newest usable share: judged by the gate, trained on next round
+    replay: list[Entry]  # older rankings the reward model sees again (steadiness, not counting)
+    unusable: dict[str, int]  # new rankings that order nothing, by reason
+
+    def window(self) -> dict[str, Any]:
+        used = self.train + self.heldout
+        return {
+            "first": used[0][0] if used else None,
+            "last": used[-1][0] if used else None,
+            "train": len(self.train),
+            "heldout": len(self.heldout),
+            "replay": len(self.replay),
+        }
 
 
-def recent_prompts(events: list[FeedbackEvent], limit: int) -> list[list[dict]]:
-    """Distinct prompt conversations, most recent first (InstructGPT drew PPO prompts from
-    real API traffic; these are what users actually asked)."""
-    seen: set[str] = set()
+def select_rankings(
+    everything: list[Entry], new: list[Entry], carried: set[str], config: LoopConfig
+) -> RoundRankings:
+    """Train on what is new (and what the last round held out), hold out the newest share.
+
+    ``carried`` are the ids the previous round held out; they were consumed then, so they are
+    trained on now. Of the usable ones, the newest ``heldout_fraction`` (at least one when there
+    are two or more, at most ``max_heldout``) is held out of every training this round.
+    """
+    unusable: dict[str, int] = {}
+    for _, event in new:
+        if reason := unusable_reason(event):
+            unusable[reason] = unusable.get(reason, 0) + 1
+    fresh_ids = {entry_id for entry_id, _ in new} | carried
+    pool = [(i, e) for i, e in everything if i in fresh_ids and unusable_reason(e) is None]
+    n_held = 0
+    if len(pool) >= 2 and config.heldout_fraction > 0:
+        n_held = min(
+            config.max_heldout, len(pool) - 1, max(1, round(len(pool) * config.heldout_fraction))
+        )
+    train, heldout = pool[: len(pool) - n_held], pool[len(pool) - n_held :]
+    older = [(i, e) for i, e in everything if i not in fresh_ids and unusable_reason(e) is None]
+    replay = older[-config.rm_replay :] if config.rm_replay else []
+    return RoundRankings(train, heldout, replay, unusable)
+
+
+def distinct_prompts(
+    events: list[FeedbackEvent], limit: int, leave_out: Sequence[FeedbackEvent] = ()
+) -> list[list[dict]]:
+    """Distinct prompt conversations, most recent first, none of ``leave_out``'s (InstructGPT
+    drew PPO prompts from real API traffic; these are what users actually asked)."""
+    seen = {json.dumps(e["messages"], sort_keys=True) for e in leave_out}
     prompts: list[list[dict]] = []
     for event in reversed(events):
         fingerprint = json.dumps(event["messages"], sort_keys=True)
-        if fingerprint not in seen:
+        if fingerprint not in seen and len(prompts) < limit:
             seen.add(fingerprint)
             prompts.append(event["messages"])
-            if len(prompts) == limit:
-                break
     return prompts
+
+
+def continuation(
+    client: redis.Redis, registry: Registry, name: str, live: str, live_dir: Path
+) -> tuple[str, Path, dict[str, Any] | None]:
+    """Where this round's learner starts: (version, directory, trainer state).
+
+    The previous round's candidate and state, promoted or not, when the same learner made it
+    and no operator has overruled the loop since (a rollback, or promoting another version);
+    otherwise live, with a fresh state.
+    """
+    raw = client.get(LEARNER_STATE)
+    last = json.loads(raw) if raw else None
+    if last and last["learner"] == name and registry.get(last["version"]) is not None:
+        since = registry.history()[last["history"] :]
+        overruled = any(
+            event["by"] != "loop"
+            and not (event["action"] == "promote" and event["version"] == last["version"])
+            for event in since
+        )
+        if not overruled:
+            path = registry.local_path(last["version"])
+            return last["version"], path, load_state(path)
+    return live, live_dir, None
 
 
 def reference_version(registry: Registry, live: str) -> str:
@@ -335,7 +439,7 @@ def run_round(
             return {"round": round_id, "skipped": "another round is running"}
         started = time.time()
         try:
-            record, consumed = _round(round_id, started, config, settings, client, lock)
+            record, consumed, rankings = _round(round_id, started, config, settings, client, lock)
         except Exception as exc:
             failed = {
                 "round": round_id,
@@ -348,7 +452,7 @@ def run_round(
             client.ltrim(ROUNDS, -config.keep_rounds, -1)
             raise
         if consumed:
-            _commit(client, FeedbackLog(client), record, consumed, config.keep_rounds)
+            _commit(client, FeedbackLog(client), record, consumed, rankings, config.keep_rounds)
         return record
 
 
@@ -359,8 +463,9 @@ def _round(
     settings: Settings,
     client: redis.Redis,
     lock: RoundLock,
-) -> tuple[dict[str, Any], list[str]]:
-    """Everything but the commit: the record, and the stream ids to commit (none if skipped)."""
+) -> tuple[dict[str, Any], list[str], RoundRankings | None]:
+    """Everything but the commit: the record, the stream ids to commit and how the round used
+    the rankings (no ids and None if skipped)."""
     timings: dict[str, float] = {}
 
     # 0. The rankings this round consumes: what dead rounds left pending, then new ones.
@@ -381,96 +486,89 @@ def _round(
         new = []
     if len(new) < config.min_new_rankings:
         skipped = f"{len(new)} new rankings, fewer than min_new_rankings={config.min_new_rankings}"
-        return {"round": round_id, "skipped": skipped}, []
+        return {"round": round_id, "skipped": skipped}, [], None
 
     everything = list(feedback.iter_events())
-    window = everything[-config.rm_window :] if config.rm_window else everything
-    ranked = [(entry_id, ev) for entry_id, ev in window if has_preference(ev)]
-    if not ranked:  # e.g. only all-bad rankings so far; they wait for the next round
-        return {"round": round_id, "skipped": "no ranking orders two answers yet"}, []
-    train, heldout = split_recent(ranked, config.heldout_fraction, config.max_heldout)
-    data_window = {
-        "first": ranked[0][0],
-        "last": ranked[-1][0],
-        "train": len(train),
-        "heldout": len(heldout),
-    }
+    carried = set(json.loads(client.get(HELDOUT) or "[]"))
+    rankings = select_rankings(everything, new, carried, config)
+    if not rankings.train:  # e.g. only all-bad rankings so far; they wait for the next round
+        return {"round": round_id, "skipped": "no ranking orders two answers yet"}, [], None
     timings["read"] = time.time() - started
+    train = [event for _, event in rankings.train]
+    heldout = [event for _, event in rankings.heldout]
 
     registry = Registry.from_settings(settings, client)
     live, live_dir = live_policy(registry, settings)
     reference = reference_version(registry, live)
+    reference_dir = registry.local_path(reference)
     work_root = settings.data_dir / "tmp"
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"round-{round_id}-", dir=work_root) as tmp:
         work = Path(tmp)
 
-        # 1. Refresh the reward model: warm start from the last one (or the SFT weights).
+        # 1. Refresh the reward model on every new ranking (and a replay), warm-started.
         t = time.time()
         reward_models = registry.versions("reward")
         previous_rm = reward_models[-1]["version"] if reward_models else None
-        rm_init = registry.local_path(previous_rm or reference)
         rm_metrics = train_reward_model(
-            [ev for _, ev in train],
-            rm_init,
+            [event for _, event in rankings.replay] + train,
+            registry.local_path(previous_rm or reference),
             work / "rm",
             config.reward,
-            heldout_events=[ev for _, ev in heldout],
+            heldout_events=heldout,
         )
         rm = registry.register(
-            work / "rm",
-            "reward",
-            parent=previous_rm or reference,
-            metrics=rm_metrics,
-            info={"round": round_id, "data_window": data_window},
-        )
+            work / "rm", "reward", parent=previous_rm or reference, metrics=rm_metrics,
+            info={"round": round_id, "data_window": rankings.window()},
+        )  # fmt: skip
         rm_dir = registry.local_path(rm)
         timings["reward"] = time.time() - t
 
-        # 2. PPO from the live policy on recent real prompts, KL to the SFT reference, ptx.
+        # 2. The learner, from where the last round left off, KL to the SFT reference.
         t = time.time()
-        events = [ev for _, ev in window]
-        prompts = recent_prompts([ev for _, ev in everything], config.max_prompts)
-        ppo_metrics = train_ppo(
-            live_dir,
-            registry.local_path(reference),
-            rm_dir,
-            prompts,
-            ptx_texts(settings.ptx, registry.local_path(reference), config.ptx_texts, config.seed),
-            work / "policy",
-            config.ppo,
+        start, start_dir, state = continuation(client, registry, config.learner, live, live_dir)
+        data = RoundData(
+            policy_dir=start_dir,
+            reference_dir=reference_dir,
+            reward_dir=rm_dir,
+            events=train,
+            prompts=distinct_prompts(
+                [event for _, event in everything], config.max_prompts, leave_out=heldout
+            ),
+            ptx_texts=ptx_texts(settings.ptx, reference_dir, config.ptx_texts, config.seed),
+            state=state,
+            out_dir=work / "policy",
+            seed=int(client.llen(ROUNDS)),
         )
-        timings["ppo"] = time.time() - t
+        policy_metrics = learner(config.learner).train_round(data, config.learner_config())
+        timings["learn"] = time.time() - t
 
         # 3. Register the candidate.
         t = time.time()
         candidate = registry.register(
             work / "policy",
-            "ppo",
-            parent=live,
-            metrics=ppo_metrics,
+            config.learner,
+            parent=start,
+            metrics=policy_metrics,
             info={
+                "learner": config.learner,
                 "reward_model": rm,
                 "reference": reference,
-                "data_window": data_window,
+                "data_window": rankings.window(),
                 "round": round_id,
-                "prompts": len(prompts),
+                "prompts": len(data.prompts),
+                "continued": state is not None,
             },
         )
         registry.set_candidate(candidate)
         timings["register"] = time.time() - t
 
-    # 4. Gate: on held-out recent rankings and prompts the reward model did not train on.
+    # 4. Gate: on the held-out rankings, which neither the reward model nor the policy saw.
     t = time.time()
-    gate_prompts = recent_prompts([ev for _, ev in heldout] + events, config.gate.prompts)
     gate = evaluate_gate(
-        registry.local_path(candidate),
-        live_dir,
-        rm_dir,
-        [ev for _, ev in heldout],
-        gate_prompts,
-        config.gate,
-    )
+        registry.local_path(candidate), live_dir, reference_dir, rm_dir, heldout,
+        distinct_prompts(heldout, config.gate.prompts), config.gate,
+    )  # fmt: skip
     registry.record_gate(candidate, gate)
     timings["gate"] = time.time() - t
 
@@ -490,23 +588,37 @@ def _round(
         "stream": {"first": new_ids[0], "last": new_ids[-1], "count": len(new_ids)},
         "rankings_new": len(new_ids),
         "rankings_total": len(everything),
-        "data_window": data_window,
+        "rankings_unusable": rankings.unusable,
+        "data_window": rankings.window(),
         "live": live,
+        "start": start,
         "reference": reference,
+        "learner": config.learner,
         "rm": {"version": rm, **rm_metrics},
-        "ppo": ppo_metrics,
+        "policy": policy_metrics,
         "gate": gate,
         "candidate": candidate,
         "promoted": promoted,
+        "continue_from": {
+            "learner": config.learner,
+            "version": candidate,
+            "history": len(registry.history()),
+        },
         "timings": timings,
     }
-    return record, new_ids
+    return record, new_ids, rankings
 
 
 def _commit(
-    client: redis.Redis, feedback: FeedbackLog, record: dict, entry_ids: list[str], keep: int
+    client: redis.Redis,
+    feedback: FeedbackLog,
+    record: dict,
+    entry_ids: list[str],
+    rankings: RoundRankings,
+    keep: int,
 ) -> None:
-    """Record the round and what it consumed atomically, then ack (see the module docstring)."""
+    """Record the round, what it consumed, what it held out and where its learner stopped,
+    atomically, then ack (see the module docstring)."""
     raw = json.dumps(record)
     last = client.get(LAST_ID)
     pipe = client.pipeline(transaction=True)
@@ -514,6 +626,10 @@ def _commit(
     pipe.set(round_key(record["round"]), raw, ex=ROUND_TTL_S)
     pipe.rpush(ROUNDS, raw)
     pipe.ltrim(ROUNDS, -keep, -1)
+    pipe.set(HELDOUT, json.dumps([entry_id for entry_id, _ in rankings.heldout]))
+    for reason, count in rankings.unusable.items():
+        pipe.hincrby(UNUSABLE, reason, count)
+    pipe.set(LEARNER_STATE, json.dumps(record["continue_from"]))
     if last is None or stream_order(entry_ids[-1]) > stream_order(last):
         pipe.set(LAST_ID, entry_ids[-1])
     pipe.execute()

@@ -25,8 +25,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
+from learn.learner import RoundData, restore_optimizer, save_state
 from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
 from learn.reward import check_model_dir, last_token_rewards, load_reward_model, normalize_rewards
 from learn.tokens import (
     Rollout,
     encode_prompt,
+    generate_answers,
     make_rollout,
     pack_texts,
+    prompt_batches,
     sequence_logprobs,
 )
 from serve.events import Messages
@@ -139,19 +142,6 @@ class PPOConfig:
             raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
 
 
-# --- batches of prompts ------------------------------------------------------------------------
-
-
-def prompt_batches(n_prompts: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
-    """Endless batches of prompt indices: shuffled passes over all prompts, one after another."""
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += rng.sample(range(n_prompts), n_prompts)
-        yield order[:batch_size]
-        order = order[batch_size:]
-
-
 # --- the policy with a value head ----------------------------------------------------------------
 
 
@@ -190,26 +180,13 @@ class HFSampler:
     def __init__(self, policy: PolicyWithValue, tokenizer: Any, config: PPOConfig) -> None:
         self.policy, self.tokenizer, self.config = policy, tokenizer, config
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], None]:
         """One sampled answer per prompt, cut after its end-of-turn token."""
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # generate wants left padding
-            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-        device = self.policy.lm.device
-        out = self.policy.lm.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-            temperature=self.config.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.config.response_length, pad_token_id=pad, eos_token_id=eos,
+        answers = generate_answers(
+            self.policy.lm, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+            self.config.response_length, self.config.temperature,
         )  # fmt: skip
-        responses = []
-        for row in out[:, width:].tolist():
-            responses.append(row[: row.index(eos) + 1] if eos in row else row)
-        return responses, None
+        return answers, None
 
     def sync(self, policy: PolicyWithValue) -> None:
         """Nothing to do: generation uses the training weights."""
@@ -410,14 +387,17 @@ def train_ppo(
     ptx_texts: Sequence[str] | None,
     out_dir: str | Path,
     config: PPOConfig,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``config.steps`` PPO steps from ``policy_dir`` and save the policy to ``out_dir``.
 
     ``ref_dir`` is the frozen SFT reference of the KL penalty, ``reward_dir`` a reward model
     from ``learn.reward``, ``prompts`` the conversations to answer (cycled), ``ptx_texts``
-    pre-training text for PPO-ptx (None or ``ptx_coef=0``: no ptx). Returns JSON-able metrics:
-    ``reward_mean`` and ``kl`` (means over the last quarter of the steps), ``reward_start``,
-    ``kl_coef``, time per phase, ``episodes_per_s`` and the per-step ``history``.
+    pre-training text for PPO-ptx (None or ``ptx_coef=0``: no ptx). ``state`` is a previous
+    run's trainer state (``learn.learner``: value head, optimizer, β), which this run continues
+    and saves again beside the policy. Returns JSON-able metrics: ``reward_mean`` and ``kl``
+    (means over the last quarter of the steps), ``reward_start``, ``kl_coef``, time per phase,
+    ``episodes_per_s`` and the per-step ``history``.
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
@@ -451,6 +431,8 @@ def train_ppo(
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=config.learning_rate, eps=1e-5, fused=True
     )
+    if state is not None:
+        resume(state, policy, optimizer, kl_ctl)
     generator = torch.Generator().manual_seed(config.seed)
     batches = prompt_batches(len(prompt_ids), config.batch_size, random.Random(config.seed))
     sampler = (
@@ -472,7 +454,51 @@ def train_ppo(
     finally:
         sampler.close()
     save_model(policy.lm, tokenizer, out_dir)
+    save_state(Path(out_dir), trainer_state(policy, optimizer, kl_ctl))
     return summarize(history, config, kl_ctl.value, setup, time.perf_counter() - started)
+
+
+def trainer_state(
+    policy: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController,
+) -> dict[str, Any]:
+    """What the next round continues from besides the weights: a value head that already
+    predicts returns, Adam's moments, and β where the adaptive controller has steered it."""
+    return {
+        "learner": "ppo",
+        "value_head": policy.value_head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "kl_coef": kl_ctl.value,
+    }
+
+
+def resume(
+    state: dict[str, Any],
+    policy: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController,
+) -> None:
+    """Continue from a previous PPO run's :func:`trainer_state` (another learner's is ignored)."""
+    if not restore_optimizer(optimizer, state, "ppo"):
+        return
+    policy.value_head.load_state_dict(state["value_head"])
+    if isinstance(kl_ctl, rlhf.AdaptiveKLController):
+        kl_ctl.value = float(state["kl_coef"])
+
+
+CONFIG = PPOConfig
+
+
+def train_round(data: RoundData, config: PPOConfig) -> dict[str, Any]:
+    """One loop round of PPO (``learn.learner``): from the previous round's policy and state,
+    on the round's prompts, with a seed of the round's own."""
+    config = replace(config, seed=config.seed + data.seed)
+    metrics = train_ppo(
+        data.policy_dir, data.reference_dir, data.reward_dir, data.prompts, data.ptx_texts,
+        data.out_dir, config, data.state,
+    )  # fmt: skip
+    return {"learner": "ppo", **metrics}
 
 
 def ppo_step(

@@ -452,6 +452,25 @@ def _mean(values: Sequence[float]) -> float:
 
 
 @torch.no_grad()
+def score_ids(
+    rm: PreTrainedModel,
+    sequences: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int = 32,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Reward of each encoded (prompt + answer, answer start), shape (N,), normalised by
+    default: what on-policy learners score their samples with (no detokenising round trip)."""
+    rewards = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask, answer = (
+            t.to(rm.device) for t in pad_right(sequences[start : start + batch_size], pad_id)
+        )
+        rewards.append(last_token_rewards(rm, ids, mask, answer))
+    raw = torch.cat(rewards).float().cpu() if rewards else torch.zeros(0)
+    return normalize_rewards(rm, raw) if normalize else raw
+
+
 def score(
     rm: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -466,9 +485,4 @@ def score(
         encode_answer(tokenizer, messages, answer, max_length)
         for messages, answer in zip(messages_list, answers, strict=True)
     ]
-    rewards = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask, answer = pad_right(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        rewards.append(last_token_rewards(rm, ids, mask, answer))
-    raw = torch.cat(rewards).cpu() if rewards else torch.zeros(0)
-    return normalize_rewards(rm, raw) if normalize else raw
+    return score_ids(rm, sequences, tokenizer.pad_token_id, batch_size, normalize)

@@ -55,10 +55,12 @@ def builtin_preferences() -> dict[str, Preference]:
         "correctness": _per_answer(grader.correctness),
         "brevity": _per_answer(lambda messages, answer: grader.brevity(answer)),
         "politeness": _per_answer(lambda messages, answer: grader.politeness(answer)),
+        # The control users: rankings that carry no signal at all (a learner must gain ~0).
+        "shuffled": _per_answer(lambda messages, answer: random.random() + 1e-9),
     }
 
 
-BUILTIN_NAMES = ("correctness", "brevity", "politeness")
+BUILTIN_NAMES = ("correctness", "brevity", "politeness", "shuffled")
 
 
 def load_preference(spec: str) -> Preference:
@@ -451,25 +453,21 @@ async def run_simulation(config: SimulationConfig, preference: Preference | None
         await client.aclose()
 
 
-async def measure_rate(
+async def sample_candidates(
     client: ServiceClient,
     prompts: list[Messages],
-    preference: Preference,
     k: int,
     concurrency: int = 8,
     **sampling: Any,
-) -> dict[str, VersionStats]:
-    """The preferred-answer rate per version on fixed prompts, posting no feedback (what a
-    benchmark uses to follow the live model without feeding the loop)."""
-    stats: dict[str, VersionStats] = {}
+) -> list[tuple[str, list[str]]]:
+    """(version, ``k`` answers) for each prompt, in prompt order, posting no feedback: what a
+    benchmark uses to follow the live model without feeding the loop."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(messages: Messages) -> None:
+    async def one(messages: Messages) -> tuple[str, list[str]]:
         async with gate:
             completion = await client.complete(messages, k, "sim-eval", **sampling)
         candidates = [choice.message.content or "" for choice in completion.choices]
-        version = completion.system_fingerprint or "unknown"
-        stats.setdefault(version, VersionStats()).add(judge(preference, messages, candidates))
+        return completion.system_fingerprint or "unknown", candidates
 
-    await asyncio.gather(*(one(p) for p in prompts))
-    return stats
+    return list(await asyncio.gather(*(one(p) for p in prompts)))

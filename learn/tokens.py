@@ -13,7 +13,8 @@ Two layouts, each for a reason:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +137,16 @@ def make_rollout(
     return Rollout(input_ids, attention_mask, response_index, response_tokens, response_mask, ended)
 
 
+def prompt_batches(n_prompts: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of prompt indices: shuffled passes over all prompts, one after another."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += rng.sample(range(n_prompts), n_prompts)
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
 # --- log-probabilities ------------------------------------------------------------------------
 
 
@@ -160,15 +171,54 @@ def sequence_logprobs(
 
 
 def answer_logprobs(
-    model: PreTrainedModel, sequences: Sequence[Encoded], pad_id: int, batch_size: int = 32
+    model: PreTrainedModel,
+    sequences: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int = 32,
+    average: bool = False,
 ) -> torch.Tensor:
-    """Total log-probability of each answer given its prompt, (N,), ``batch_size`` sequences a
-    forward. Gradients flow when enabled (a learner trains through it; the gate calls it under
-    ``no_grad``)."""
+    """Log-probability of each answer given its prompt, (N,): the total, or with ``average``
+    the mean per answer token (a length-fair NLL for supervised terms). ``batch_size``
+    sequences a forward. Gradients flow when enabled (a learner trains through it; the gate
+    calls it under ``no_grad``)."""
     totals = []
     for first in range(0, len(sequences), batch_size):
         ids, mask, answer = (
             t.to(model.device) for t in pad_right(sequences[first : first + batch_size], pad_id)
         )
-        totals.append((sequence_logprobs(model, ids, mask) * answer[:, 1:]).sum(dim=1))
+        target = answer[:, 1:]
+        total = (sequence_logprobs(model, ids, mask) * target).sum(dim=1)
+        totals.append(total / target.sum(dim=1).clamp(min=1) if average else total)
     return torch.cat(totals)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> list[list[int]]:
+    """One answer per prompt from transformers ``generate`` (pure sampling at
+    ``temperature``, no top-k/top-p, as served; ``temperature=0`` is greedy), each cut after
+    its end-of-turn token. Seed ``torch`` first for repeatable draws."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # generate wants left padding
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    out = model.generate(
+        input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **sampling,
+    )  # fmt: skip
+    return [
+        row[: row.index(eos_id) + 1] if eos_id in row else row for row in out[:, width:].tolist()
+    ]

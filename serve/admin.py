@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from serve.events import ROUND_LOCK, ROUNDS, SINCE_ROUND, FeedbackLog
+from serve.events import ROUND_LOCK, ROUNDS, SINCE_ROUND, UNUSABLE, FeedbackLog
 from serve.registry import Registry
 from serve.settings import Settings
 
@@ -120,6 +120,8 @@ class AdminService:
                 "next_round_in": max(0, self.settings.round_every - counted),
                 "round_running": bool(self.client.exists(ROUND_LOCK)),
                 "auto_promote": self.settings.auto_promote,
+                "learner": self.settings.learner,
+                "rankings_unusable": {k: int(v) for k, v in self.client.hgetall(UNUSABLE).items()},
                 "rounds": records,
             }
         )

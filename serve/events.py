@@ -45,6 +45,9 @@ ROUNDS = key("loop", "rounds")  # JSON round records, oldest first
 LAST_ID = key("loop", "last_id")  # newest stream id a committed round consumed
 COUNTED = key("loop", "counted")  # stream ids committed but not yet acked
 ROUND_LOCK = key("loop", "lock")  # one round at a time
+HELDOUT = key("loop", "heldout")  # JSON ids the last round held out: the next one trains on them
+LEARNER_STATE = key("loop", "learner")  # JSON {learner, version, history}: where to continue
+UNUSABLE = key("loop", "unusable")  # hash: consumed rankings that order nothing, by reason
 
 
 def round_key(round_id: str) -> str:
@@ -104,6 +107,17 @@ def count_pairs(groups: list[list[int]]) -> int:
 def has_preference(event: FeedbackEvent) -> bool:
     """Whether a ranking orders at least two answers (all-bad or all-tied rankings don't)."""
     return next(ranking_pairs(normalise_ranking(event["ranking"])), None) is not None
+
+
+def unusable_reason(event: FeedbackEvent) -> str | None:
+    """Why a ranking cannot train a pairwise learner (``all_bad``, ``all_tied``), or None.
+
+    Such rankings are still stored and counted (``feedback stats``, the ops page): they say
+    something about the answers, just nothing about which is better.
+    """
+    if has_preference(event):
+        return None
+    return "all_bad" if event.get("all_bad") else "all_tied"
 
 
 # --- reading the stream -------------------------------------------------------------------------

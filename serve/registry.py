@@ -5,7 +5,8 @@ live in a checkpoint store that is any fsspec URL (a local path by default, ``s3
 several machines share it; the matching fsspec backend, e.g. ``s3fs``, must be installed).
 
 A version is a directory in Hugging Face format plus ``loopchat.json`` (its metadata), at
-``<checkpoints_url>/<version>``. Policies are ``v1, v2, …`` (kinds ``sft`` and ``ppo``); reward
+``<checkpoints_url>/<version>``. Policies are ``v1, v2, …`` (kind ``sft``, or the learner that made
+it: ``ppo``, ``rloo``, ``dpo``, ``bon``); reward
 models are ``rm-1, rm-2, …`` (kind ``reward``). A version becomes visible only once fully
 written: files are copied under a temporary name, renamed to the version name, and only then is
 its metadata written to Redis, which is what every reader looks at. A crash mid-copy leaves an
@@ -58,8 +59,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from serve.store import key
 
-Kind = Literal["sft", "ppo", "reward"]
-POLICY_KINDS: frozenset[str] = frozenset({"sft", "ppo"})
+Kind = Literal["sft", "ppo", "rloo", "dpo", "bon", "reward"]
+POLICY_KINDS: frozenset[str] = frozenset({"sft", "ppo", "rloo", "dpo", "bon"})
 KINDS: frozenset[str] = POLICY_KINDS | {"reward"}
 ALIASES: tuple[str, ...] = ("live", "candidate", "previous")
 METADATA_FILE = "loopchat.json"
@@ -267,7 +268,7 @@ class Registry:
         return meta
 
     def versions(self, kind: str | None = None) -> list[dict]:
-        """Visible versions, oldest first, optionally only one kind (``"policy"`` = sft+ppo)."""
+        """Visible versions, oldest first, optionally only one kind (``"policy"``: every policy)."""
         names = self.client.zrange(_rkey("versions"), 0, -1)
         metas = [m for m in (self.get(v) for v in names) if m is not None]
         if kind == "policy":

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         description="JSON overrides of a learning round's LoopConfig (learn/loop.py), e.g. "
         '`{"max_prompts": 64, "ppo": {...}}`. Unset: defaults sized for a CPU.',
     )
+    learner: Literal["ppo", "rloo", "dpo", "bon"] = Field(
+        default="dpo",
+        description="How a learning round turns rankings into a new policy (learn/learner.py): "
+        "`dpo` on the rankings' pairs, `bon` best-of-n distillation, `rloo` group-baseline "
+        "policy gradient, `ppo` (InstructGPT's). The README's table says which wins.",
+    )
     ptx: str = Field(
         default="auto",
         description="Text of the PPO-ptx term: `auto` (the built-in corpus for the built-in "

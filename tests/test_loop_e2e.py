@@ -27,18 +27,15 @@ from tests.conftest import start_server
 ADMIN = {"Authorization": "Bearer e2e-admin"}
 ROUND_EVERY = 100
 
-# A round sized for a test: a few PPO steps with the HF sampler on a handful of prompts. The
-# gate's tolerances allow for the sampling noise of a two-step candidate judged on a few held-out
-# rankings (the gate's own verdicts are tested in tests/learn/test_gate.py).
+# A round sized for a test: the default learner (DPO) for one epoch, a small gate (its verdicts
+# are tested in tests/learn/test_gate.py).
 SMALL_LOOP = {
     "max_prompts": 8,
     "ptx_texts": 0,
     "reward": {"epochs": 1, "rankings_per_batch": 16},
-    "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
-            "response_length": 16, "engine": "hf"},
-    "gate": {"prompts": 4, "max_new_tokens": 8, "reward_tolerance": 0.5,
-             "agreement_tolerance": 0.1},
-}  # fmt: skip
+    "dpo": {"epochs": 1},
+    "gate": {"prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 8},
+}
 
 
 @pytest.mark.slow

@@ -22,8 +22,11 @@ from serve.registry import RegistryError
 TABLE_HEADERS = ["version", "kind", "parent", "created", "alias", "gate", "gate reasons", "metrics"]
 # (title, where in a round record) of each curve, one panel per entry.
 CURVES: list[tuple[str, Callable[[dict], Any]]] = [
-    ("reward (PPO mean)", lambda r: (r.get("ppo") or {}).get("reward_mean")),
-    ("KL to reference", lambda r: (r.get("ppo") or {}).get("kl")),
+    (
+        "reward vs live (gate)",
+        lambda r: ((r.get("gate") or {}).get("reward_difference") or {}).get("mean"),
+    ),
+    ("KL to SFT (gate)", lambda r: (r.get("gate") or {}).get("kl_to_sft")),
     ("reward-model held-out accuracy", lambda r: (r.get("rm") or {}).get("heldout_accuracy")),
     ("new rankings", lambda r: r.get("rankings_new")),
 ]
@@ -77,7 +80,14 @@ def loop_summary(loop: dict[str, Any]) -> str:
         f"since the last round; next round in {loop['next_round_in']} "
         f"(every {loop['round_every']}).",
         f"**Auto-promote:** {'on' if loop['auto_promote'] else 'off'} · "
-        f"**round running:** {'yes' if loop['round_running'] else 'no'}",
+        f"**round running:** {'yes' if loop['round_running'] else 'no'} · "
+        f"**learner:** {loop['learner']}",
+        "**Rankings that order nothing** (stored, not trainable): "
+        + (
+            ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in unusable.items())
+            if (unusable := loop["rankings_unusable"])
+            else "none"
+        ),
     ]
     if last:
         outcome = last.get("error") or (
@@ -109,7 +119,7 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     def snapshot(admin: AdminService) -> tuple:
         state = admin.checkpoints()
         loop = admin.loop_status()
-        policies = [v["version"] for v in state["versions"] if v["kind"] in ("sft", "ppo")]
+        policies = [v["version"] for v in state["versions"] if v["kind"] != "reward"]
         aliases = f"**live:** {state['live']} · **previous:** {state['previous'] or '—'} · " + (
             f"**candidate:** {state['candidate'] or '—'}"
         )

@@ -49,18 +49,23 @@ def preference_pairs(event: dict[str, Any]) -> Iterator[dict[str, list[dict[str,
         yield {"prompt": event["messages"], "chosen": answer(better), "rejected": answer(worse)}
 
 
-_TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment")
+_TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment", "unusable")
 
 
 def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Rankings, pairs, ties and all-bad counts, overall and per version and user."""
-    from serve.events import count_pairs
+    """Rankings, pairs, ties and all-bad counts, overall and per version and user; and the
+    rankings no pairwise learner can use (all tied, or all bad with nothing ordered), by
+    reason: stored and counted, never silently dropped."""
+    from serve.events import count_pairs, unusable_reason
 
     totals: Counter[str] = Counter()
     per_version: Counter[str] = Counter()
     per_user: Counter[str] = Counter()
     per_k: Counter[int] = Counter()
+    unusable: Counter[str] = Counter()
     for event in events:
+        if reason := unusable_reason(event):
+            unusable[reason] += 1
         totals["rankings"] += 1
         totals["pairs"] += count_pairs(event["ranking"])
         totals["with_ties"] += any(len(group) > 1 for group in event["ranking"])
@@ -69,11 +74,13 @@ def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         per_version[event["version"]] += 1
         per_user[event["user"] or "(anonymous)"] += 1
         per_k[len(event["candidates"])] += 1
+    totals["unusable"] = sum(unusable.values())
     return {
         **{name: totals[name] for name in _TOTALS},
         "per_version": dict(sorted(per_version.items())),
         "per_user": dict(per_user.most_common()),
         "per_candidates": {str(k): n for k, n in sorted(per_k.items())},
+        "unusable_by_reason": dict(sorted(unusable.items())),
     }
 
 
@@ -110,7 +117,7 @@ def _stats(args: argparse.Namespace) -> int:
         print(json.dumps(numbers, indent=2))
         return 0
     print("  ".join(f"{name.replace('_', ' ')} {numbers[name]}" for name in _TOTALS))
-    for title in ("per_version", "per_user", "per_candidates"):
+    for title in ("per_version", "per_user", "per_candidates", "unusable_by_reason"):
         print(f"{title.replace('_', ' ')}:")
         for name, n in numbers[title].items():
             print(f"  {name:<24} {n}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from serve.protocol import FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
 from serve.store import Completion, CompletionStore, async_client
 
-# A round in seconds on the nano model: few prompts, two short PPO steps, a small gate.
+# A round in seconds on the nano model: few prompts, short learner runs, a small gate.
 TINY = {
     "max_prompts": 4,
     "ptx_texts": 8,
@@ -31,7 +32,10 @@ TINY = {
         "ptx_batch_size": 2,
         "ptx_length": 32,
     },
-    "gate": {"prompts": 2, "max_new_tokens": 8},
+    "rloo": {"k": 2, "prompts_per_step": 2, "steps": 1, "response_length": 8},
+    "dpo": {"epochs": 1, "rankings_per_step": 4},
+    "bon": {"n": 2, "response_length": 8, "batch_size": 8},
+    "gate": {"prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 8},
 }
 
 
@@ -83,10 +87,13 @@ def shorter_first(candidates: list[str]) -> list[list[int]]:
 
 
 def submit_rankings(
-    redis_url: str, completions: list[Completion], round_every: int = 10**9
+    redis_url: str,
+    completions: list[Completion],
+    round_every: int = 10**9,
+    rank: Callable[[list[str]], list[list[int]]] = shorter_first,
 ) -> list[FeedbackResponse]:
-    """Store each completion and post its ranking as the API process does (which also counts
-    it for the loop trigger)."""
+    """Store each completion and post its ranking (by ``rank``) as the API process does (which
+    also counts it for the loop trigger)."""
 
     async def run() -> list[FeedbackResponse]:
         settings = Settings(redis_url=redis_url, round_every=round_every)
@@ -98,7 +105,7 @@ def submit_rankings(
             await store.save(completion)
             request = FeedbackRequest(
                 completion_id=completion.id,
-                ranking=shorter_first(completion.candidates),
+                ranking=rank(completion.candidates),
                 user=completion.user,
             )
             result = await service.submit(request, api_key=None, client_address="127.0.0.1")

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from learn.builtin.presets import new_model
 from learn.builtin.tokenizer import train_tokenizer
 from learn.modeling import save_model
-from learn.reward import RewardConfig, train_reward_model
+from learn.reward import RewardConfig, load_reward_model, score, train_reward_model
+from learn.tokens import answer_logprobs, encode_answer
 
 WORDS = ("yes", "no")
 ANSWER_WORDS = 6
@@ -163,3 +164,31 @@ def loopchat(*args: str) -> subprocess.CompletedProcess:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def answer_messages(answers: list[str]) -> list[list[dict[str, str]]]:
+    """The prompt each answer was sampled for (answers grouped prompt by prompt, as the
+    learners' tests sample them: the same number for each of ``PROMPTS``)."""
+    per_prompt = len(answers) // len(PROMPTS)
+    return [prompt_messages(i // per_prompt) for i in range(len(answers))]
+
+
+def mean_score(rm_dir: Path, answers: list[str]) -> float:
+    """The reward model's mean normalised score of ``answers`` to their prompts."""
+    rm, tokenizer = load_reward_model(rm_dir), AutoTokenizer.from_pretrained(rm_dir)
+    return score(rm, tokenizer, answer_messages(answers), answers).mean().item()
+
+
+@torch.no_grad()
+def sequence_kl(policy_dir: Path, ref_dir: Path, answers: list[str]) -> float:
+    """Monte-Carlo KL(π‖π_ref) per answer, nats: mean over π's samples of Σ log π − log π_ref."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    encoded = [
+        encode_answer(tokenizer, messages, answer, 512)
+        for messages, answer in zip(answer_messages(answers), answers, strict=True)
+    ]
+    policy, ref = (AutoModelForCausalLM.from_pretrained(d).eval() for d in (policy_dir, ref_dir))
+    pad = tokenizer.pad_token_id
+    return (
+        (answer_logprobs(policy, encoded, pad) - answer_logprobs(ref, encoded, pad)).mean().item()
+    )

@@ -9,12 +9,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.gate import GateConfig, evaluate_gate, worse_beyond_noise
+from learn.gate import (
+    GateConfig,
+    agreement_margins,
+    evaluate_gate,
+    mean_with_error,
+    paired_difference,
+    worse_beyond_noise,
+)
 from learn.modeling import save_model
 from learn.reward import RewardConfig, train_reward_model
 from tests.learn.loop_helpers import arithmetic_prompts, sample_completions, shorter_first
 
-CONFIG = GateConfig(prompts=4, max_new_tokens=8)
+CONFIG = GateConfig(prompts=4, samples_per_prompt=2, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,9 @@ def changed_copy(tiny_model: Path, out: Path, change) -> Path:
 
 
 def run_gate(candidate: Path, live: Path, reward_dir: Path, rankings: list[dict]) -> dict:
+    """The gate with ``live`` as the SFT reference too (the first round's situation)."""
     prompts = [event["messages"] for event in rankings[12:]]
-    return evaluate_gate(candidate, live, reward_dir, rankings[12:], prompts, CONFIG)
+    return evaluate_gate(candidate, live, live, reward_dir, rankings[12:], prompts, CONFIG)
 
 
 def test_a_checkpoint_with_a_nan_weight_fails(tiny_model, reward_dir, rankings, tmp_path) -> None:
@@ -61,7 +69,7 @@ def test_a_checkpoint_with_a_nan_weight_fails(tiny_model, reward_dir, rankings, 
     gate = run_gate(changed_copy(tiny_model, tmp_path, poison), tiny_model, reward_dir, rankings)
     assert gate["passed"] is False
     assert gate["finite"] is False
-    assert "not finite" in gate["reason"]
+    assert gate["reasons"] == ["finite: weights are not finite (NaN or inf)"]
 
 
 def test_an_identical_checkpoint_passes(tiny_model, reward_dir, rankings, tmp_path) -> None:
@@ -70,10 +78,12 @@ def test_an_identical_checkpoint_passes(tiny_model, reward_dir, rankings, tmp_pa
     gate = run_gate(candidate, tiny_model, reward_dir, rankings)
     assert gate["passed"] is True, gate["reasons"]
     assert gate["reasons"] == []
-    assert gate["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert gate["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    assert gate["kl_to_live"] == pytest.approx(0.0, abs=1e-5)
     assert gate["reward_candidate"] == pytest.approx(gate["reward_live"])
-    assert gate["agreement_candidate"] == gate["agreement_live"]
-    assert gate["heldout_pairs"] > 0
+    assert gate["reward_difference"]["n"] == 4
+    assert gate["agreement_margin"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    assert 0 < gate["heldout_rankings"] <= 4 <= gate["heldout_pairs"]  # tied ones: no pair
 
 
 def test_a_far_away_checkpoint_fails_the_kl_budget(
@@ -87,18 +97,31 @@ def test_a_far_away_checkpoint_fails_the_kl_budget(
     far = changed_copy(tiny_model, tmp_path, scramble)
     gate = run_gate(far, tiny_model, reward_dir, rankings)
     assert gate["passed"] is False
-    assert gate["kl"] > CONFIG.kl_budget
-    assert any(reason.startswith("KL to live") for reason in gate["reasons"])
+    assert gate["kl_to_sft"] > CONFIG.kl_budget
+    kl = [reason for reason in gate["reasons"] if reason.startswith("KL:")]
+    assert kl == [f"KL: {gate['kl_to_sft']:.3f} nats to SFT > budget {CONFIG.kl_budget}"]
 
 
 def test_only_a_difference_beyond_the_noise_of_paired_samples_counts_as_worse() -> None:
     live = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
-    # one pair won, two lost: 12.5 points lower, within one standard error of the differences
+    # one pair won, two lost: 12.5 points lower, within two standard errors of the differences
     mixed = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-    assert not worse_beyond_noise(mixed, live, tolerance=0.0, significance=1.0)
-    assert worse_beyond_noise(mixed, live, tolerance=0.0, significance=0.0)
+    estimate = paired_difference(mixed, live)
+    assert estimate["mean"] == pytest.approx(-0.125)
+    assert estimate["se"] == pytest.approx((mixed - live).std().item() / 8**0.5)
+    assert estimate["low"] == pytest.approx(-0.125 - 1.96 * estimate["se"])
+    assert not worse_beyond_noise(estimate, significance=2.0)
+    assert worse_beyond_noise(estimate, significance=0.0)
     # every preferred answer lost: worse whatever the spread
-    assert worse_beyond_noise(torch.zeros(8), live, tolerance=0.0, significance=1.0)
-    # a single measurement has no spread: the tolerance alone decides
-    assert worse_beyond_noise(torch.tensor([0.5]), torch.tensor([1.0]), 0.1, 1.0)
-    assert not worse_beyond_noise(torch.tensor([0.95]), torch.tensor([1.0]), 0.1, 1.0)
+    assert worse_beyond_noise(paired_difference(torch.zeros(8), live), significance=2.0)
+
+
+def test_agreement_averages_the_pairs_of_one_ranking_before_the_error() -> None:
+    candidate = torch.tensor([0.0, -1.0, -2.0, 5.0, 5.0])  # log-probs of 5 answers
+    live = torch.zeros(5)
+    # ranking A: answers 0 > 1 > 2 (3 pairs); ranking B: 3 > 4 (1 pair); C: tied, no pair
+    margins = agreement_margins(candidate, live, [[(0, 1), (0, 2), (1, 2)], [(3, 4)], []])
+    assert margins.tolist() == pytest.approx([(1 + 2 + 1) / 3, 0.0])
+    estimate = mean_with_error(margins)
+    assert estimate["n"] == 2  # clustered: two rankings, not four pairs
+    assert estimate["mean"] == pytest.approx(2 / 3)

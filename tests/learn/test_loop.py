@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 import redis
 
+from learn.learner import LEARNERS, load_state
 from learn.loop import LoopConfig, run_round
-from serve.events import COUNTED, GROUP, LAST_ID, ROUND_LOCK, ROUNDS, STREAM, FeedbackLog
+from serve.events import (
+    COUNTED,
+    GROUP,
+    LAST_ID,
+    ROUND_LOCK,
+    ROUNDS,
+    STREAM,
+    UNUSABLE,
+    FeedbackLog,
+)
 from serve.registry import Registry
 from serve.settings import Settings
 from serve.store import Completion, sync_client
@@ -78,7 +88,7 @@ def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
     assert client.get(LAST_ID) == ids[-1]
     assert pending(client) == 0
     candidate = registry.get(first["candidate"])
-    assert candidate["kind"] == "ppo" and candidate["parent"] == "v1"
+    assert candidate["kind"] == config.learner == "dpo" and candidate["parent"] == "v1"
     assert candidate["info"]["reward_model"] == first["rm"]["version"] == "rm-1"
     assert registry.alias("candidate") == first["candidate"]
     assert candidate["gate"]["passed"] == first["gate"]["passed"]
@@ -94,18 +104,96 @@ def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
     assert rounds == ["round-1", "round-3"]
 
 
-def test_ppo_prompts_come_from_the_whole_stream_not_only_the_reward_models_window(
+def test_on_policy_prompts_come_from_the_whole_stream_but_the_held_out_rankings(
     loop, completions, redis_url
 ) -> None:
     settings, client, registry = loop
-    config = LoopConfig.from_settings(settings, {**TINY, "rm_window": 4, "max_prompts": 10})
+    config = LoopConfig.from_settings(settings, {**TINY, "learner": "ppo", "max_prompts": 20})
     submit_rankings(redis_url, fresh(completions[:12]))
     distinct = {json.dumps(c.messages) for c in completions[:12]}
 
     record = run_round("round-wide", config, settings)
     window = record["data_window"]
-    assert window["train"] + window["heldout"] == 4
-    assert registry.get(record["candidate"])["info"]["prompts"] == min(10, len(distinct)) > 4
+    assert window["train"] + window["heldout"] == 12 and window["heldout"] == 1
+    assert registry.get(record["candidate"])["info"]["prompts"] == len(distinct) - 1
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_each_learner_runs_a_round_chosen_by_its_setting_alone(
+    name, redis_url, tmp_path, tiny_model, completions
+) -> None:
+    settings = Settings(redis_url=redis_url, data_dir=tmp_path, model=str(tiny_model), learner=name)
+    client = sync_client(redis_url)
+    registry = Registry.from_settings(settings, client)
+    registry.ensure_live(tiny_model)
+    submit_rankings(redis_url, fresh(completions[:6]))
+
+    record = run_round(f"round-{name}", LoopConfig.from_settings(settings, TINY), settings)
+    assert record["learner"] == record["policy"]["learner"] == name
+    assert registry.get(record["candidate"])["kind"] == name
+    assert "kl_to_sft" in record["gate"] and record["gate"]["reason"]
+    client.close()
+
+
+def test_the_next_round_continues_from_the_last_candidate_even_unpromoted(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:8]))
+    first = run_round("first", config, settings)
+    assert registry.alias("live") == "v1" and first["start"] == "v1"
+    assert load_state(registry.local_path(first["candidate"]))["learner"] == config.learner
+
+    submit_rankings(redis_url, fresh(completions[8:12]))
+    second = run_round("second", config, settings)
+    assert second["start"] == first["candidate"] and second["live"] == "v1"
+    assert registry.get(second["candidate"])["info"]["continued"] is True
+    assert registry.get(second["candidate"])["parent"] == first["candidate"]
+
+
+def test_an_operator_rollback_restarts_learning_from_live(loop, completions, redis_url) -> None:
+    settings, client, registry = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:8]))
+    first = run_round("first", config, settings)
+    registry.promote(first["candidate"], by="op", reason="try it", force=True)
+    registry.rollback(by="op", reason="worse in practice")
+
+    submit_rankings(redis_url, fresh(completions[8:12]))
+    second = run_round("second", config, settings)
+    assert second["start"] == "v1"
+    assert registry.get(second["candidate"])["info"]["continued"] is False
+
+
+def test_held_out_rankings_are_trained_on_in_the_next_round(loop, completions, redis_url) -> None:
+    settings, client, _ = loop
+    config = LoopConfig.from_settings(settings, {**TINY, "heldout_fraction": 0.25})
+    submit_rankings(redis_url, fresh(completions[:8]))
+    first = run_round("first", config, settings)
+    assert first["data_window"]["train"] == 6 and first["data_window"]["heldout"] == 2
+
+    submit_rankings(redis_url, fresh(completions[8:12]))
+    second = run_round("second", config, settings)
+    # the 4 new ones and the 2 the first round held out: each trained on exactly once
+    assert second["data_window"]["train"] + second["data_window"]["heldout"] == 6
+    assert second["data_window"]["replay"] == 6  # the reward model also sees the older ones
+
+
+def test_rankings_that_order_nothing_are_consumed_and_counted_by_reason(
+    loop, completions, redis_url
+) -> None:
+    settings, client, _ = loop
+    config = LoopConfig.from_settings(settings, TINY)
+    submit_rankings(redis_url, fresh(completions[:6]))
+    submit_rankings(redis_url, fresh(completions[6:9]), rank=lambda c: [list(range(len(c)))])
+
+    record = run_round("mixed", config, settings)
+    assert record["rankings_new"] == 9
+    assert record["rankings_unusable"] == {"all_tied": 3}
+    assert record["data_window"]["train"] + record["data_window"]["heldout"] == 6
+    assert client.hgetall(UNUSABLE) == {"all_tied": "3"}
+    assert pending(client) == 0
 
 
 def test_a_redelivered_round_returns_its_record_without_training_again(
@@ -183,7 +271,7 @@ def test_only_one_round_runs_at_a_time_and_its_lock_is_renewed(
     assert len(done) == 1 and len(skipped) == 1
     assert skipped[0]["skipped"] == "another round is running"
     assert done[0]["rankings_new"] == 8
-    assert len(registry.versions("ppo")) == 1
+    assert len(registry.versions(config.learner)) == 1
     assert client.exists(ROUND_LOCK) == 0
 
 

@@ -13,15 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learn.ppo import PPOConfig, train_ppo
-from learn.reward import load_reward_model, score
 from learn.tokens import sequence_logprobs
 from tests.learn.rlhf_helpers import (
     PROMPTS,
     loopchat,
+    mean_score,
     preference_events,
     prompt_messages,
     random_answer,
     sample_answers,
+    sequence_kl,
     shared_reward_model,
     shared_sft_policy,
     write_jsonl,
@@ -58,35 +59,6 @@ def prompts() -> list[list[dict[str, str]]]:
 def ptx_texts() -> list[str]:
     rng = random.Random(0)
     return [random_answer(rng) for _ in range(50)]
-
-
-def mean_score(rm_dir: Path, answers: list[str]) -> float:
-    rm, tokenizer = load_reward_model(rm_dir), AutoTokenizer.from_pretrained(rm_dir)
-    per_prompt = len(answers) // len(PROMPTS)
-    messages = [prompt_messages(i // per_prompt) for i in range(len(answers))]
-    return score(rm, tokenizer, messages, answers).mean().item()
-
-
-@torch.no_grad()
-def sequence_kl(policy_dir: Path, ref_dir: Path, answers: list[str]) -> float:
-    """Monte-Carlo KL(π‖π_ref) per answer, nats: mean over π's samples of Σ log π − log π_ref."""
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
-    ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
-    per_prompt = len(answers) // len(PROMPTS)
-    total = 0.0
-    for i, answer in enumerate(answers):
-        conversation = [*prompt_messages(i // per_prompt), {"role": "assistant", "content": answer}]
-        ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
-        start = len(
-            tokenizer.apply_chat_template(
-                prompt_messages(i // per_prompt), add_generation_prompt=True, return_dict=False
-            )
-        )
-        args = (ids["input_ids"], ids["attention_mask"])
-        diff = sequence_logprobs(policy, *args) - sequence_logprobs(ref, *args)
-        total += diff[0, start - 1 :].sum().item()
-    return total / len(answers)
 
 
 @pytest.fixture(scope="module")

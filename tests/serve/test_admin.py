@@ -172,8 +172,8 @@ def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
             "rankings_new": 3,
             "rankings_total": 3,
             "rm": {"version": "rm-1", "heldout_accuracy": 0.5},
-            "ppo": {"reward_mean": 0.1, "kl": 0.01},
-            "gate": {"passed": True, "reasons": []},
+            "policy": {"learner": "dpo", "pairs": 9},
+            "gate": {"passed": True, "reasons": [], "kl_to_sft": 0.01},
             "candidate": "v2",
             "promoted": False,
         },
@@ -182,6 +182,7 @@ def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
     for record in rounds:
         client.rpush(key("loop", "rounds"), json.dumps(record))
     client.set(key("loop", "since_round"), 2)
+    client.hset(key("loop", "unusable"), mapping={"all_tied": 3, "all_bad": 1})
     body = api.get("/admin/loop").json()
     assert body == {
         "rankings_total": 5,
@@ -190,6 +191,8 @@ def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
         "next_round_in": settings.round_every - 2,
         "round_running": False,
         "auto_promote": False,
+        "learner": "dpo",
+        "rankings_unusable": {"all_tied": 3, "all_bad": 1},
         "rounds": rounds,
     }
     for limit in (0, 1):  # the last completed round counts even when it is not returned

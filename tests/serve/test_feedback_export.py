@@ -96,7 +96,9 @@ def test_pairs_export_yields_every_ordered_pair_in_trl_format(
     assert len(dataset) == 8
 
 
-def test_stats_count_rankings_pairs_ties_and_all_bad(redis_url: str) -> None:
+def test_stats_count_rankings_pairs_ties_all_bad_and_what_no_learner_can_use(
+    redis_url: str,
+) -> None:
     _store_mixed(redis_url)
     done = loopchat(redis_url, "feedback", "stats", "--json")
     assert done.returncode == 0, done.stderr
@@ -109,9 +111,12 @@ def test_stats_count_rankings_pairs_ties_and_all_bad(redis_url: str) -> None:
         "per_version": {"v1": 2, "v2": 2},
         "per_user": {"ann": 2, "bob": 1, "cy": 1},
         "per_candidates": {"2": 2, "3": 1, "4": 1},
+        "unusable": 2,
+        "unusable_by_reason": {"all_bad": 1, "all_tied": 1},
     }
     text = loopchat(redis_url, "feedback", "stats")
     assert text.returncode == 0 and "rankings 4" in text.stdout and "ann" in text.stdout
+    assert "unusable 2" in text.stdout and "all_tied" in text.stdout
 
 
 def test_export_to_a_missing_directory_is_a_one_line_error(redis_url: str, tmp_path: Path) -> None:

@@ -57,11 +57,12 @@ def test_operator_logs_in_promotes_and_rolls_back(
             "rankings_new": 64 * n,
             "rankings_total": 64 * n,
             "rm": {"heldout_accuracy": 0.5 + n / 10},
-            "ppo": {"reward_mean": n / 10, "kl": n / 100},
+            "gate": {"kl_to_sft": n / 100, "reward_difference": {"mean": n / 10}},
             "candidate": f"v{n + 1}",
             "promoted": False,
         }
         client.rpush(key("loop", "rounds"), json.dumps(record))
+    client.hset(key("loop", "unusable"), mapping={"all_tied": 5})
 
     page.goto(f"{server.url}/ops")  # the README's link: redirected to the page at /ops/
     assert page.url == f"{server.url}/ops/"
@@ -77,6 +78,7 @@ def test_operator_logs_in_promotes_and_rolls_back(
     expect(table).to_contain_text("kl=0.0123")
     expect(page.locator("#aliases")).to_contain_text("live: v1")
     expect(page.locator("#loop")).to_contain_text("since the last round")
+    expect(page.locator("#loop")).to_contain_text("5 all tied")
     expect(page.locator("#loop-plot")).to_be_visible()
 
     # The failed candidate is refused without "force", and nothing changes.

@@ -1,45 +1,83 @@
-"""``bench loop``'s verdict: the targets read off a measured learning curve and its rounds."""
+"""``bench loop``'s arithmetic: the arms it plans, the paired gain, the eval subset, the verdict."""
 
 from __future__ import annotations
 
-from learn.bench.loop import verdict
+import argparse
+
+import pytest
+
+from learn.bench.loop import NO_FEEDBACK, curve_subset, gain, plan, verdict
+from learn.errors import LearnError
 
 
-def point(rankings: int, rate: float, version: str = "v1") -> dict:
-    return {"rankings": rankings, "version": version, "rate": rate, "answers": 100}
+def args(**overrides: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        **{
+            "learners": "dpo,bon",
+            "preferences": "correctness,brevity",
+            "controls": "shuffled,none",
+            **overrides,
+        }  # fmt: skip
+    )
 
 
-def round_row(rankings: int, promoted: bool, kl: float, to_live: float | None) -> dict:
-    return {"rankings": rankings, "promoted": promoted, "kl_to_sft": kl,
-            "last_ranking_to_live_s": to_live}  # fmt: skip
+def test_every_learner_meets_every_preference_and_the_controls_run_once() -> None:
+    arms = plan(args())
+    assert [a.name for a in arms] == [
+        "dpo/correctness", "dpo/brevity", "bon/correctness", "bon/brevity",
+        "dpo/shuffled", "no feedback",
+    ]  # fmt: skip
+    shuffled, none = arms[-2:]
+    assert shuffled.users == "shuffled" and shuffled.learner == "dpo"
+    assert none.loop_config == NO_FEEDBACK and none.control == "none"
+    with pytest.raises(LearnError, match="unknown"):
+        plan(args(learners="sgd"))
 
 
-def test_the_best_rate_within_1000_rankings_counts_and_later_points_do_not() -> None:
-    measured = {
-        "curve": [point(0, 0.5), point(512, 0.72, "v3"), point(1024, 0.9, "v5")],
-        "rounds": [round_row(512, True, 1.0, 40.0), round_row(1024, True, 2.0, 130.0)],
-        "greedy": {"start": point(0, 0.7), "end": point(0, 0.8, "v5")},
+def test_the_gain_is_the_final_minus_start_paired_by_prompt_in_points() -> None:
+    start = [0.0, 0.5, 1.0, 0.25]
+    end = [0.5, 0.5, 1.0, 0.75]
+    result = gain(start, end)
+    diffs = [50.0, 0.0, 0.0, 50.0]
+    mean = sum(diffs) / 4
+    se = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5 / 2
+    assert result["mean"] == pytest.approx(25.0) and result["se"] == pytest.approx(se)
+    assert result["low"] == pytest.approx(25.0 - 1.96 * se)
+    assert result["start"] == pytest.approx(43.75) and result["end"] == pytest.approx(68.75)
+
+
+def test_the_curve_re_measures_the_first_prompts_of_every_task() -> None:
+    # 3 tasks x 4 prompts each, in task order: the first 2 of each task
+    assert curve_subset(list(range(12)), per_task=4, subset=2) == [0, 1, 4, 5, 8, 9]
+
+
+def run(users: str, mean: float, low: float, high: float, control: str | None = None) -> dict:
+    rounds = [
+        {"promoted": True, "kl_to_sft": 2.0, "last_ranking_to_live_s": 40.0, "round_seconds": 30},
+        {"promoted": False, "kl_to_sft": 9.0, "last_ranking_to_live_s": None, "round_seconds": 50},
+    ]
+    focus = users if users != "shuffled" else "correctness"
+    return {"users": users, "control": control, "rounds": rounds,
+            "sampled": {focus: {"mean": mean, "low": low, "high": high}}}  # fmt: skip
+
+
+def test_a_gain_counts_only_above_target_with_its_interval_clear_of_zero() -> None:
+    met = verdict(run("brevity", 22.0, 12.0, 32.0), kl_budget=6.0, minutes=20)
+    assert met["targets"] == {
+        "gain": True,
+        "live_within_120s": True,
+        "kl_within_budget": True,  # the refused round's 9 nats never went live
+        "run_within_30_min": True,
     }
-    result = verdict(measured, kl_budget=6.0)
-    assert result["best_rate_within_1000"] == 0.72 and result["best_at_rankings"] == 512
-    assert round(result["gain_points_within_1000"], 6) == 22.0
-    assert round(result["greedy_headroom_points"], 6) == 20.0
-    assert result["final_rate"] == 0.9
-    assert result["targets"] == {
-        "live_within_120s": False,  # one round took 130 s
-        "gain_20_points_within_1000": True,
-        "kl_within_budget": True,
-    }
+    assert met["round_seconds_median"] == 40.0 and met["rounds_promoted"] == 1
+    assert verdict(run("brevity", 22.0, -1.0, 45.0), 6.0, 20)["targets"]["gain"] is False
+    assert verdict(run("correctness", 14.0, 10.0, 18.0), 6.0, 40)["targets"] == {
+        "gain": False, "live_within_120s": True, "kl_within_budget": True,
+        "run_within_30_min": False,
+    }  # fmt: skip
 
 
-def test_a_promoted_round_over_the_kl_budget_fails_that_target() -> None:
-    measured = {
-        "curve": [point(0, 0.5), point(128, 0.55, "v2")],
-        "rounds": [round_row(128, True, 7.5, 30.0), round_row(256, False, 9.0, None)],
-        "greedy": {"start": point(0, 0.7), "end": point(0, 0.7, "v2")},
-    }
-    result = verdict(measured, kl_budget=6.0)
-    assert result["kl_to_sft_max_promoted"] == 7.5
-    assert result["targets"]["kl_within_budget"] is False
-    assert result["targets"]["gain_20_points_within_1000"] is False
-    assert result["last_ranking_to_live_s"] == {"max": 30.0, "median": 30.0}
+def test_the_shuffled_control_passes_only_when_its_interval_holds_zero() -> None:
+    assert verdict(run("shuffled", 0.5, -2.0, 3.0, "shuffled"), 6.0, 20)["targets"]["gain"]
+    assert not verdict(run("shuffled", 5.0, 2.0, 8.0, "shuffled"), 6.0, 20)["targets"]["gain"]
+    assert verdict(run("shuffled", 5.0, 2.0, 8.0, "none"), 6.0, 20)["targets"]["gain"] is None
