@@ -5,7 +5,7 @@ answers are trained on; a second round continues the first one's optimizer."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +23,13 @@ from tests.learn.rlhf_helpers import (
     preference_events,
     prompt_messages,
     sample_answers,
-    shared_reward_model,
-    shared_sft_policy,
     yes_count,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # One round that visibly moves the nano policy: 64 prompts, 4 samples each, 8 steps.
 FAST = {"response_length": 12, "learning_rate": 1e-3, "batch_size": 8, "device": "cpu"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Nano models train faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.getbasetemp()
-    return shared_sft_policy(base), shared_reward_model(base)
 
 
 def prompts(repeat: int = 1) -> list[list[dict[str, str]]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,28 +23,15 @@ from tests.learn.rlhf_helpers import (
     PROMPTS,
     preference_events,
     prompt_messages,
-    shared_sft_policy,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIG = DPOConfig(device="cpu", learning_rate=3e-4, epochs=2, rankings_per_step=8)
 
 
 def t(values: list) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Nano models train faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_sft_policy(tmp_path_factory.getbasetemp())
 
 
 def round_data(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,11 @@ from tests.learn.rlhf_helpers import (
     random_answer,
     sample_answers,
     sequence_kl,
-    shared_reward_model,
-    shared_sft_policy,
     write_jsonl,
     yes_count,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KL_TARGET = 3.0
 CONFIG = PPOConfig(
@@ -35,21 +34,6 @@ CONFIG = PPOConfig(
     learning_rate=3e-4, kl_coef=0.05, adaptive_kl=True, kl_target=KL_TARGET,
     ptx_coef=0.1, ptx_length=32, engine="vllm",
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Nano models train faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.getbasetemp()
-    return shared_sft_policy(base), shared_reward_model(base)
 
 
 def prompts() -> list[list[dict[str, str]]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,31 +24,18 @@ from tests.learn.rlhf_helpers import (
     loopchat,
     preference_events,
     prompt_messages,
-    shared_sft_policy,
     write_jsonl,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Nano models train faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_sft_policy(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def trained(sft_policy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def trained(sft: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("rm")
     heldout = preference_events(60, seed=1)
     metrics = train_reward_model(
-        preference_events(160), sft_policy, out, REWARD_CONFIG, heldout_events=heldout
+        preference_events(160), sft, out, REWARD_CONFIG, heldout_events=heldout
     )
     return out, metrics
 
@@ -67,7 +53,7 @@ def test_reward_model_learns_the_preference_to_90_percent_heldout_pairwise_accur
 
 
 def test_saved_reward_model_reloads_and_scores_normalised(
-    trained: tuple[Path, dict], sft_policy: Path
+    trained: tuple[Path, dict], sft: Path
 ) -> None:
     out, metrics = trained
     rm = load_reward_model(out)
@@ -106,31 +92,31 @@ def test_refresh_warm_starts_from_the_previous_reward_model(
 
 
 def test_without_heldout_events_the_most_recent_rankings_are_held_out(
-    sft_policy: Path, tmp_path: Path
+    sft: Path, tmp_path: Path
 ) -> None:
     events = preference_events(20, seed=3)
     events[0]["ranking"], events[0]["all_bad"] = [], True  # all bad: nothing to learn from
     events[1]["ranking"] = [[0, 1, 2, 3]]  # all tied: no pair either
     config = RewardConfig(epochs=1, heldout_fraction=0.25)
-    metrics = train_reward_model(events, sft_policy, tmp_path, config)
+    metrics = train_reward_model(events, sft, tmp_path, config)
     assert metrics["rankings"] + metrics["heldout_rankings"] == 18
     assert metrics["heldout_rankings"] == 4
     assert 0.0 <= metrics["heldout_accuracy"] <= 1.0
 
 
-def test_malformed_event_is_refused_with_its_id(sft_policy: Path, tmp_path: Path) -> None:
+def test_malformed_event_is_refused_with_its_id(sft: Path, tmp_path: Path) -> None:
     events = preference_events(3)
     events[1]["ranking"] = [[0], [7]]
     with pytest.raises(ValueError, match=events[1]["id"]):
-        train_reward_model(events, sft_policy, tmp_path, RewardConfig())
+        train_reward_model(events, sft, tmp_path, RewardConfig())
     with pytest.raises(ValueError, match="no ranking"):
-        train_reward_model([], sft_policy, tmp_path, RewardConfig())
+        train_reward_model([], sft, tmp_path, RewardConfig())
 
 
-def test_cli_trains_from_an_exported_rankings_file(sft_policy: Path, tmp_path: Path) -> None:
+def test_cli_trains_from_an_exported_rankings_file(sft: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "rankings.jsonl", preference_events(40))
     result = loopchat(
-        "train", "reward", "--data", str(data), "--init", str(sft_policy),
+        "train", "reward", "--data", str(data), "--init", str(sft),
         "--out", str(tmp_path / "rm"), "--epochs", "1", "--learning-rate", "1e-3",
         "--heldout-fraction", "0.25",
     )  # fmt: skip
@@ -140,11 +126,11 @@ def test_cli_trains_from_an_exported_rankings_file(sft_policy: Path, tmp_path: P
     assert load_reward_model(tmp_path / "rm").config.reward_std == metrics["reward_std"]
 
 
-def test_cli_refuses_a_bad_rankings_file_in_one_line(sft_policy: Path, tmp_path: Path) -> None:
+def test_cli_refuses_a_bad_rankings_file_in_one_line(sft: Path, tmp_path: Path) -> None:
     data = tmp_path / "rankings.jsonl"
     data.write_text(json.dumps(preference_events(1)[0]) + "\n{not json\n")
     result = loopchat(
-        "train", "reward", "--data", str(data), "--init", str(sft_policy), "--out", str(tmp_path)
+        "train", "reward", "--data", str(data), "--init", str(sft), "--out", str(tmp_path)
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
@@ -153,13 +139,13 @@ def test_cli_refuses_a_bad_rankings_file_in_one_line(sft_policy: Path, tmp_path:
 
 
 def test_likelihood_term_is_the_answers_mean_token_log_likelihood_under_the_sft_model(
-    sft_policy: Path,
+    sft: Path,
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(sft_policy)
-    rm, _ = init_reward_model(sft_policy, seed=0)
-    lm = AutoModelForCausalLM.from_pretrained(sft_policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rm, _ = init_reward_model(sft, seed=0)
+    lm = AutoModelForCausalLM.from_pretrained(sft).eval()
     answers = ["yes no yes no yes no", "no no", "yes yes yes yes yes yes yes yes"]
     encoded = [encode_answer(tokenizer, prompt_messages(i), a, 256) for i, a in enumerate(answers)]
     ids, mask, answer = pad_right(encoded, tokenizer.pad_token_id)
@@ -172,7 +158,7 @@ def test_likelihood_term_is_the_answers_mean_token_log_likelihood_under_the_sft_
 
 
 def test_likelihood_weight_takes_the_sign_of_the_users_preference(
-    sft_policy: Path, tmp_path: Path
+    sft: Path, tmp_path: Path
 ) -> None:
     """Users who prefer the answers the model finds likely get a positive weight; users who
     prefer the unlikely ones, a negative one: the data decide, not a built-in prior."""
@@ -184,7 +170,7 @@ def test_likelihood_weight_takes_the_sign_of_the_users_preference(
     for name, ranking, sign in (("likely", [0, 1], 1), ("unlikely", [1, 0], -1)):
         for event in events:
             event["ranking"] = ranking
-        metrics = train_reward_model(events, sft_policy, tmp_path / name, config)
+        metrics = train_reward_model(events, sft, tmp_path / name, config)
         assert sign * metrics["likelihood_weight"] > 0.1
         assert metrics["train_accuracy"] == 1.0
 

@@ -5,7 +5,6 @@ round continues its optimizer and β."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from tests.learn.rlhf_helpers import (
     prompt_messages,
     sample_answers,
     sequence_kl,
-    shared_reward_model,
-    shared_sft_policy,
     yes_count,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KL_BOUND = 3.0
 CONFIG = RLOOConfig(
@@ -93,21 +92,6 @@ def test_loss_weights_each_answers_total_logprob_by_its_advantage_per_batch_toke
 
 
 # --- a round on the tiny yes/no models -----------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Nano models train faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.getbasetemp()
-    return shared_sft_policy(base), shared_reward_model(base)
 
 
 def round_data(
