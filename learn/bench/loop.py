@@ -122,7 +122,8 @@ class Arm:
 
 
 def plan(args: argparse.Namespace) -> list[Arm]:
-    """Every learner × preference, then the controls (with the first learner)."""
+    """Every learner on the first preference, then the controls (with the first learner), then
+    every learner on the other preferences: a run cut short still has the controls."""
     learners = [name for name in args.learners.split(",") if name]
     preferences = [name for name in args.preferences.split(",") if name]
     controls = [name for name in args.controls.split(",") if name]
@@ -133,15 +134,17 @@ def plan(args: argparse.Namespace) -> list[Arm]:
     )
     if unknown or not learners or not preferences:
         raise LearnError(f"--learners/--preferences/--controls: unknown or empty {unknown}")
-    arms = [
-        Arm(f"{lr}/{pref}", lr, pref, {"learner": lr}) for lr in learners for pref in preferences
-    ]
+
+    def on(preference: str) -> list[Arm]:
+        return [Arm(f"{lr}/{preference}", lr, preference, {"learner": lr}) for lr in learners]
+
+    arms = on(preferences[0])
     if "shuffled" in controls:
         arms.append(Arm(f"{learners[0]}/shuffled", learners[0], "shuffled",
                         {"learner": learners[0]}, control="shuffled"))  # fmt: skip
     if "none" in controls:
         arms.append(Arm("no feedback", "bon", "shuffled", NO_FEEDBACK, control="none"))
-    return arms
+    return arms + [arm for preference in preferences[1:] for arm in on(preference)]
 
 
 class Deadline:
@@ -366,7 +369,12 @@ def run(args: argparse.Namespace) -> int:
         raise LearnError(f"--loop-config: {exc}") from None
     model = model_dir(args.model)
     started = time.time()
-    runs = []
+    result = {
+        "model": str(model), "engine": args.engine, "round_every": args.round_every,
+        "rankings": args.rankings, "users": args.users, "k": args.k,
+        "eval_per_task": args.eval_per_task, "curve_per_task": args.curve_per_task,
+        "loop_config": shared, "kl_budget": kl_budget, "runs": [],
+    }  # fmt: skip
     for arm in arms:
         arm_started = time.time()
         env = {
@@ -380,17 +388,11 @@ def run(args: argparse.Namespace) -> int:
             with service(model, work, redis_url, args.engine, worker=True, env=env) as svc:
                 measured = asyncio.run(run_arm(svc, arm, args, Deadline(args.max_minutes)))
         minutes = (time.time() - arm_started) / 60
-        runs.append({**measured, **verdict(measured, kl_budget, minutes)})
-        print(f"bench loop: {arm.name}: {summary_line(runs[-1])}", flush=True)
-    result = {
-        "model": str(model), "engine": args.engine, "round_every": args.round_every,
-        "rankings": args.rankings, "users": args.users, "k": args.k,
-        "eval_per_task": args.eval_per_task, "curve_per_task": args.curve_per_task,
-        "loop_config": shared, "kl_budget": kl_budget,
-        "wall_minutes": (time.time() - started) / 60, "runs": runs,
-    }  # fmt: skip
-    path = write_result(args.out, NAME, result)
-    plot = _plot(result, args.out)
+        result["runs"].append({**measured, **verdict(measured, kl_budget, minutes)})
+        result["wall_minutes"] = (time.time() - started) / 60
+        path = write_result(args.out, NAME, result)  # after every arm: a long run keeps its part
+        plot = _plot(result, args.out)
+        print(f"bench loop: {arm.name}: {summary_line(result['runs'][-1])}", flush=True)
     print(f"bench loop: wrote {path} and {plot}")
     return 0
 
