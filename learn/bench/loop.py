@@ -73,6 +73,10 @@ TARGET_POINTS = {"correctness": 15.0, "brevity": 20.0, "politeness": 20.0}
 PREFERENCES = ("correctness", "brevity", "politeness")
 # The no-feedback control: a learner that never looks at a ranking or a reward.
 NO_FEEDBACK = {"learner": "bon", "bon": {"select": "random", "use_user_best": False}}
+# Learners by name (learn.learner) and variants: name -> the loop config that selects it.
+VARIANTS: dict[str, dict[str, Any]] = {name: {"learner": name} for name in LEARNERS} | {
+    "bon-users": {"learner": "bon", "bon": {"select": "users"}},
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=8, help="Concurrent simulated users.")
     parser.add_argument("--k", type=int, default=4, help="Candidates per turn (4).")
     parser.add_argument(
-        "--learners", default="dpo", help=f"Comma-separated learners ({', '.join(LEARNERS)})."
+        "--learners", default="dpo", help=f"Comma-separated learners ({', '.join(VARIANTS)})."
     )
     parser.add_argument(
         "--preferences", default="correctness",
@@ -128,7 +132,7 @@ def plan(args: argparse.Namespace) -> list[Arm]:
     preferences = [name for name in args.preferences.split(",") if name]
     controls = [name for name in args.controls.split(",") if name]
     unknown = (
-        [n for n in learners if n not in LEARNERS]
+        [n for n in learners if n not in VARIANTS]
         + [n for n in preferences if n not in PREFERENCES]
         + [n for n in controls if n not in ("shuffled", "none")]
     )
@@ -136,12 +140,12 @@ def plan(args: argparse.Namespace) -> list[Arm]:
         raise LearnError(f"--learners/--preferences/--controls: unknown or empty {unknown}")
 
     def on(preference: str) -> list[Arm]:
-        return [Arm(f"{lr}/{preference}", lr, preference, {"learner": lr}) for lr in learners]
+        return [Arm(f"{lr}/{preference}", lr, preference, VARIANTS[lr]) for lr in learners]
 
     arms = on(preferences[0])
     if "shuffled" in controls:
         arms.append(Arm(f"{learners[0]}/shuffled", learners[0], "shuffled",
-                        {"learner": learners[0]}, control="shuffled"))  # fmt: skip
+                        VARIANTS[learners[0]], control="shuffled"))  # fmt: skip
     if "none" in controls:
         arms.append(Arm("no feedback", "bon", "shuffled", NO_FEEDBACK, control="none"))
     return arms + [arm for preference in preferences[1:] for arm in on(preference)]

@@ -215,6 +215,25 @@ def test_random_selection_reads_no_reward_model(
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_users_selection_samples_nothing_and_distils_the_users_best_answers(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sft, _ = models
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("users selection samples nothing and scores nothing")
+
+    for name in ("load_reward_model", "score_ids", "generate_answers"):
+        monkeypatch.setattr(bon, name, forbidden)
+    events = preference_events(6, seed=5)
+    config = BoNConfig(**FAST, select="users")
+    metrics = train_round(round_data(sft, tmp_path / "no-rm", tmp_path / "out", events), config)
+    assert metrics["targets_sampled"] == 0
+    assert metrics["targets_from_users"] == sum(len(ev["ranking"][0]) for ev in events)
+    with pytest.raises(ValueError, match="use_user_best"):
+        BoNConfig(select="users", use_user_best=False)
+
+
 def test_a_round_writes_a_loadable_policy_its_state_and_json_metrics(
     models: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -32,6 +32,8 @@ def test_every_learner_meets_every_preference_and_the_controls_run_once() -> Non
     assert none.loop_config == NO_FEEDBACK and none.control == "none"
     with pytest.raises(LearnError, match="unknown"):
         plan(args(learners="sgd"))
+    (variant,) = plan(args(learners="bon-users", preferences="brevity", controls=""))
+    assert variant.loop_config == {"learner": "bon", "bon": {"select": "users"}}
 
 
 def test_the_gain_is_the_final_minus_start_paired_by_prompt_in_points() -> None:
