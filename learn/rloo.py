@@ -73,7 +73,14 @@ class RLOOConfig:
         default=16, metadata={"help": "Prompts per step (k·prompts_per_step episodes a step)."}
     )
     steps: int = field(default=16, metadata={"help": "Gradient steps per round."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={
+            "help": "AdamW learning rate. On the built-in model (offline, 3 rounds of 16 steps "
+            "on correctness rankings) 2e-4 raised held-out correctness 57.6% -> 64.4% at KL "
+            "1.7 nats; 5e-5 moved it +1.9 points in a whole bench run (KL 1.0)."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     kl_coef: float = field(
         default=0.05,
