@@ -396,9 +396,36 @@ def run(args: argparse.Namespace) -> int:
         result["wall_minutes"] = (time.time() - started) / 60
         path = write_result(args.out, NAME, result)  # after every arm: a long run keeps its part
         plot = _plot(result, args.out)
+        (Path(args.out) / f"{NAME}.md").write_text(markdown_table(result))
         print(f"bench loop: {arm.name}: {summary_line(result['runs'][-1])}", flush=True)
     print(f"bench loop: wrote {path} and {plot}")
     return 0
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README's table of this run: one row per arm, the final model against the start."""
+
+    def points(g: dict[str, float]) -> str:
+        return f"{g['mean']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}]"
+
+    head = (
+        "| arm | users rank by | "
+        + " | ".join(f"{p} (sampled, 95%)" for p in PREFERENCES)
+        + " | greedy, judged | KL to SFT (max live) | s / round | last ranking → live (max) |"
+    )
+    rows = [head, "|" + " --- |" * (6 + len(PREFERENCES))]
+    for run in result["runs"]:
+        judged = run["judged_by"]
+        kl = run["kl_to_sft_max_promoted"]
+        live = run["last_ranking_to_live_s"]["max"]
+        rows.append(
+            f"| {run['arm']} | {run['users']} | "
+            + " | ".join(("**" if p == judged else "") + points(run["sampled"][p])
+                         + ("**" if p == judged else "") for p in PREFERENCES)
+            + f" | {run['greedy'][judged]['mean']:+.1f} | {'-' if kl is None else f'{kl:.2f}'}"
+            f" | {run['round_seconds_median']:.0f} | {'-' if live is None else f'{live:.0f} s'} |"
+        )  # fmt: skip
+    return "\n".join(rows) + "\n"
 
 
 def summary_line(run: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from learn.bench.loop import NO_FEEDBACK, curve_subset, gain, plan, verdict
+from learn.bench.loop import NO_FEEDBACK, curve_subset, gain, markdown_table, plan, verdict
 from learn.errors import LearnError
 
 
@@ -83,3 +83,17 @@ def test_the_shuffled_control_passes_only_when_its_interval_holds_zero() -> None
     assert verdict(run("shuffled", 0.5, -2.0, 3.0, "shuffled"), 6.0, 20)["targets"]["gain"]
     assert not verdict(run("shuffled", 5.0, 2.0, 8.0, "shuffled"), 6.0, 20)["targets"]["gain"]
     assert verdict(run("shuffled", 5.0, 2.0, 8.0, "none"), 6.0, 20)["targets"]["gain"] is None
+
+
+def test_the_readme_table_has_one_row_per_arm_with_every_column() -> None:
+    g = {"mean": 1.0, "low": -0.5, "high": 2.5}
+    arm = {
+        "arm": "dpo/brevity", "users": "brevity", "judged_by": "brevity",
+        "sampled": {p: g for p in ("correctness", "brevity", "politeness")},
+        "greedy": {"brevity": g}, "kl_to_sft_max_promoted": 1.25, "round_seconds_median": 12.0,
+        "last_ranking_to_live_s": {"max": 14.2, "median": 13.0},
+    }  # fmt: skip
+    lines = markdown_table({"runs": [arm]}).splitlines()
+    assert len(lines) == 3
+    assert {line.count("|") for line in lines} == {10}
+    assert "**+1.0 [-0.5, +2.5]**" in lines[2] and "| 1.25 | 12 | 14 s |" in lines[2]
