@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from learn.learner import RoundData, restore_optimizer, save_state
+from learn.learner import RoundData, SamplingOptions, restore_optimizer, save_state
 from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
 from learn.reward import check_model_dir, load_reward_model, score_ids
 from learn.tokens import Encoded, answer_logprobs, encode_answer, encode_prompt, generate_answers
@@ -75,7 +75,7 @@ SELECTIONS = ("reward", "random", "users")
 
 
 @dataclass
-class BoNConfig:
+class BoNConfig(SamplingOptions):
     """Settings of one best-of-n distillation round."""
 
     n: int = field(
@@ -127,44 +127,19 @@ class BoNConfig:
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Answers per gradient step."})
-    response_length: int = field(
-        default=64, metadata={"help": "Most tokens sampled per answer (end-of-turn included)."}
-    )
-    max_prompt_length: int = field(
-        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature (1.0: the policy as served, no sharpening)."},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     generation_batch_size: int = field(
         default=64,
         metadata={"help": "Answers sampled per generate call (bounds the KV cache)."},
     )
-    bf16: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed for sampling, random selection and batch order."}
-    )
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+        super().__post_init__()
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, not {self.select!r}")
         if self.select == "users" and not self.use_user_best:
             raise ValueError('select="users" trains on the users\' best answers: use_user_best')
         if min(self.n, self.epochs, self.batch_size, self.generation_batch_size) < 1:
             raise ValueError("n, epochs, batch_size and generation_batch_size must be >= 1")
-        if self.response_length < 1 or self.max_prompt_length < 1:
-            raise ValueError("response_length and max_prompt_length must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (n greedy answers would be one answer)")
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0")
         if self.missing_eos_penalty < 0:
             raise ValueError("missing_eos_penalty must be >= 0")
 

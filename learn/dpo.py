@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel
 
-from learn.learner import RoundData, restore_optimizer, save_state
+from learn.learner import RoundData, TrainerOptions, restore_optimizer, save_state
 from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
 from learn.reward import RankedAnswers, check_model_dir, encode_events
 from learn.rlhf import batch_pairs
@@ -59,7 +59,7 @@ NO_GRAD_BATCH = 64  # sequences per forward when only scoring (reference, final 
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainerOptions):
     """Settings of one DPO round. Names and defaults follow TRL's DPOConfig where they overlap
     (``loss`` is TRL's ``loss_type``, ``sft_coef`` its ``rpo_alpha``)."""
 
@@ -102,27 +102,16 @@ class DPOConfig:
         default=256,
         metadata={"help": "Longest prompt + answer in tokens; longer ones lose their start."},
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    bf16: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of the ranking order (plus the round's own seed)."}
-    )
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be {' or '.join(LOSSES)}, not {self.loss!r}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         if self.sft_coef < 0 or self.weight_decay < 0:
             raise ValueError("sft_coef and weight_decay must be >= 0")
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0")
         if min(self.epochs, self.rankings_per_step, self.max_length) < 1:
             raise ValueError("epochs, rankings_per_step and max_length must be >= 1")
 

@@ -16,12 +16,13 @@ The KL reference is always the SFT model.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from learn import rlhf
 from serve.events import FeedbackEvent, Messages
 
 # name -> module; each module has CONFIG (its dataclass) and train_round(data, config).
@@ -32,6 +33,83 @@ LEARNERS: dict[str, str] = {
     "bon": "learn.bon",
 }
 STATE_FILE = Path("learner") / "state.pt"
+
+
+@dataclass
+class TrainerOptions:
+    """What every learner's config has (TRL's ``TrainingArguments`` in small): each learner's
+    dataclass extends it, and redeclares a field where its method wants another default."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of sampling and data order (plus the round's own)."}
+    )
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("learning_rate and max_grad_norm must be > 0")
+
+
+@dataclass
+class SamplingOptions(TrainerOptions):
+    """What the learners that sample their own answers (ppo, rloo, bon) add."""
+
+    response_length: int = field(
+        default=64, metadata={"help": "Most tokens sampled per answer (end-of-turn included)."}
+    )
+    max_prompt_length: int = field(
+        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (1.0: the policy as served); log-probs use it."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.response_length < 1 or self.max_prompt_length < 1:
+            raise ValueError("response_length and max_prompt_length must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: the learner samples its own answers")
+
+
+@dataclass
+class KLOptions(SamplingOptions):
+    """What the learners with a KL penalty to the SFT model in their reward (ppo, rloo) add:
+    β, fixed or steered toward a target KL."""
+
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "β of the KL penalty (the initial β if adaptive)."}
+    )
+    adaptive_kl: bool = field(
+        default=True,
+        metadata={"help": "Steer β toward kl_target (Ziegler et al. 2019); False: fixed β."},
+    )
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Target KL(π‖π_SFT) per answer, nats (adaptive β)."}
+    )
+    kl_horizon: int = field(
+        default=10_000, metadata={"help": "Episodes over which adaptive β corrects its error."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
+            raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
+
+    def kl_controller(self, beta: float) -> rlhf.FixedKLController | rlhf.AdaptiveKLController:
+        """The controller of β, starting at ``beta`` (the config's, or where a previous
+        round's adaptive controller left it)."""
+        if self.adaptive_kl:
+            return rlhf.AdaptiveKLController(beta, self.kl_target, self.kl_horizon)
+        return rlhf.FixedKLController(beta)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
-from learn.learner import RoundData, restore_optimizer, save_state
+from learn.learner import KLOptions, RoundData, restore_optimizer, save_state
 from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
 from learn.reward import check_model_dir, last_token_rewards, load_reward_model, normalize_rewards
 from learn.tokens import (
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(KLOptions):
     """Settings of one PPO run. Defaults follow TRL's PPOTrainer where they overlap."""
 
     steps: int = field(
@@ -66,18 +66,7 @@ class PPOConfig:
     ppo_epochs: int = field(
         default=4, metadata={"help": "Passes over each rollout batch (PPO's sample reuse)."}
     )
-    response_length: int = field(
-        default=64, metadata={"help": "Most tokens sampled per answer (end-of-turn included)."}
-    )
-    max_prompt_length: int = field(
-        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature; log-probs use the same scaled logits."},
-    )
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount γ."})
     lam: float = field(default=0.95, metadata={"help": "GAE λ."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip ε."})
@@ -89,16 +78,6 @@ class PPOConfig:
     kl_estimator: str = field(
         default="k1",
         metadata={"help": "Per-token KL estimator: k1 = log π − log π_SFT, k3 = (ρ−1) − log ρ."},
-    )
-    adaptive_kl: bool = field(
-        default=True,
-        metadata={"help": "Steer β toward kl_target (Ziegler et al. 2019); False: fixed β."},
-    )
-    kl_target: float = field(
-        default=6.0, metadata={"help": "Target KL(π‖π_SFT) per answer, nats (adaptive β)."}
-    )
-    kl_horizon: int = field(
-        default=10_000, metadata={"help": "Episodes over which adaptive β corrects its error."}
     )
     missing_eos_penalty: float | None = field(
         default=None,
@@ -119,27 +98,15 @@ class PPOConfig:
     vllm_kv_cache_bytes: int = field(
         default=64 << 20, metadata={"help": "KV cache of the vLLM sampler, bytes (CPU)."}
     )
-    bf16: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for sampling, prompt order, ptx."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+        super().__post_init__()
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.engine not in ("vllm", "hf"):
             raise ValueError(f"engine must be vllm or hf, not {self.engine!r}")
         if min(self.steps, self.batch_size, self.mini_batch_size, self.ppo_epochs) < 1:
             raise ValueError("steps, batch_size, mini_batch_size and ppo_epochs must be >= 1")
-        if self.response_length < 1 or self.max_prompt_length < 1:
-            raise ValueError("response_length and max_prompt_length must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (PPO needs a sampling policy)")
-        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
-            raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
 
 
 # --- the policy with a value head ----------------------------------------------------------------
@@ -422,11 +389,7 @@ def train_ppo(
         if ptx_texts and config.ptx_coef > 0
         else None
     )
-    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController = (
-        rlhf.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        if config.adaptive_kl
-        else rlhf.FixedKLController(config.kl_coef)
-    )
+    kl_ctl = config.kl_controller(config.kl_coef)
     # fused: one kernel for all parameters (what transformers' Trainer, so TRL, uses too)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=config.learning_rate, eps=1e-5, fused=True

@@ -49,7 +49,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
-from learn.learner import RoundData, restore_optimizer, save_state
+from learn.learner import KLOptions, RoundData, restore_optimizer, save_state
 from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
 from learn.reward import check_model_dir, load_reward_model, score_ids
 from learn.tokens import Rollout, encode_prompt, generate_answers, make_rollout, prompt_batches
@@ -61,7 +61,7 @@ PHASES = ("generation", "forwards", "backward")
 
 
 @dataclass
-class RLOOConfig:
+class RLOOConfig(KLOptions):
     """Settings of one RLOO round. Defaults follow TRL's RLOOTrainer where they overlap
     (k, β, missing-EOS penalty), the learning rate and episode count the loop's PPO."""
 
@@ -81,22 +81,11 @@ class RLOOConfig:
             "1.7 nats; 5e-5 moved it +1.9 points in a whole bench run (KL 1.0)."
         },
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     kl_coef: float = field(
         default=0.05,
         metadata={
             "help": "β of the per-answer KL penalty to the SFT model (initial β if adaptive)."
         },
-    )
-    adaptive_kl: bool = field(
-        default=True,
-        metadata={"help": "Steer β toward kl_target (Ziegler et al. 2019); False: fixed β."},
-    )
-    kl_target: float = field(
-        default=6.0, metadata={"help": "Target KL(π‖π_SFT) per answer, nats (adaptive β)."}
-    )
-    kl_horizon: int = field(
-        default=10_000, metadata={"help": "Episodes over which adaptive β corrects its error."}
     )
     missing_eos_penalty: float = field(
         default=1.0,
@@ -109,41 +98,15 @@ class RLOOConfig:
         default=False,
         metadata={"help": "Divide each group's advantages by its reward std (GRPO-style)."},
     )
-    response_length: int = field(
-        default=64, metadata={"help": "Most tokens sampled per answer (end-of-turn included)."}
-    )
-    max_prompt_length: int = field(
-        default=192, metadata={"help": "Longest prompt in tokens; longer ones lose their start."}
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature; log-probs use the same scaled logits."},
-    )
-    bf16: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of sampling and prompt order (with the round's seed)."}
-    )
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda."})
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+        super().__post_init__()
         if self.k < 2:
             raise ValueError("k must be >= 2 (a leave-one-out baseline needs another sample)")
         if min(self.prompts_per_step, self.steps) < 1:
             raise ValueError("prompts_per_step and steps must be >= 1")
-        if self.response_length < 1 or self.max_prompt_length < 1:
-            raise ValueError("response_length and max_prompt_length must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (RLOO needs a sampling policy)")
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0")
         if self.kl_coef < 0 or self.missing_eos_penalty < 0:
             raise ValueError("kl_coef and missing_eos_penalty must be >= 0")
-        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon < 1):
-            raise ValueError("an adaptive KL needs kl_target > 0 and kl_horizon >= 1")
 
 
 CONFIG = RLOOConfig
@@ -316,11 +279,7 @@ def resume(
     )
     resumed = restore_optimizer(optimizer, state, LEARNER)
     beta = float(state["kl_coef"]) if resumed and config.adaptive_kl else config.kl_coef
-    kl_ctl: rlhf.FixedKLController | rlhf.AdaptiveKLController = (
-        rlhf.AdaptiveKLController(beta, config.kl_target, config.kl_horizon)
-        if config.adaptive_kl
-        else rlhf.FixedKLController(beta)
-    )
+    kl_ctl = config.kl_controller(beta)
     return optimizer, kl_ctl, resumed
 
 

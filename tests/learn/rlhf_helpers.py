@@ -192,3 +192,13 @@ def sequence_kl(policy_dir: Path, ref_dir: Path, answers: list[str]) -> float:
     return (
         (answer_logprobs(policy, encoded, pad) - answer_logprobs(ref, encoded, pad)).mean().item()
     )
+
+
+def assert_learned_the_preference(sft: Path, rm: Path, out: Path, kl_bound: float) -> None:
+    """Fresh samples of the trained policy ``out`` score higher than the SFT policy's, say
+    "yes" more (the preference itself, not only the reward model's view of it), and stay
+    within ``kl_bound`` nats of the SFT policy."""
+    before, after = sample_answers(sft, 64), sample_answers(out, 64)
+    assert mean_score(rm, after) > mean_score(rm, before) + 0.3
+    assert sum(map(yes_count, after)) > sum(map(yes_count, before))
+    assert 0.0 <= sequence_kl(out, sft, after) <= kl_bound
