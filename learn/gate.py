@@ -21,6 +21,13 @@ meaningless stops the gate):
    implicit reward of the candidate against live); positive means it raised the preferred
    answer relative to the other.
 
+6. **signal** — the round's reward model orders the held-out rankings better than chance (its
+   per-ranking pair accuracy, lower bound of ``significance`` standard errors above ½). When
+   it cannot, the rankings carried no preference it could learn (users ranking at random, or
+   too few rankings), and whatever a learner made of them must not reach users: a policy
+   optimised against a reward model of noise can lose a fifth of its answers while every
+   other check still passes (``loopchat bench loop``'s shuffled control).
+
 Checks 4 and 5 fail only when the candidate is worse than live by more than ``significance``
 (2) standard errors: a paired one over prompts for the reward, one *clustered by completion*
 for the agreement — the C(K,2) pairs of one ranking share their answers and are not
@@ -71,6 +78,13 @@ class GateConfig:
         metadata={
             "help": "The reward and agreement checks fail only when the candidate is worse "
             "than live by more than this many standard errors."
+        },
+    )
+    require_signal: bool = field(
+        default=True,
+        metadata={
+            "help": "Refuse when the round's reward model orders the held-out rankings no "
+            "better than chance (check 6: the rankings carried nothing it learned)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both models)."})
@@ -126,6 +140,19 @@ def ranking_sequences(
             ]
         )
     return sequences, pairs
+
+
+def ranking_accuracies(scores: torch.Tensor, pairs: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """One value per ranking: the share of its pairs whose preferred answer ``scores`` higher
+    (a tie counts half). Rankings with no pair are left out."""
+    return torch.tensor(
+        [
+            sum(1.0 if scores[b] > scores[w] else 0.5 if scores[b] == scores[w] else 0.0
+                for b, w in ranking) / len(ranking)
+            for ranking in pairs
+            if ranking
+        ]
+    )  # fmt: skip
 
 
 def agreement_margins(
@@ -219,6 +246,17 @@ def evaluate_gate(
             )
 
     sequences, pairs = ranking_sequences(tokenizer, heldout_events, config)
+    if any(pairs) and reward_dir is not None:
+        result["rm_heldout_accuracy"] = estimate = mean_with_error(
+            ranking_accuracies(score_ids(rm, sequences, pad), pairs)
+        )
+        if config.require_signal and estimate["mean"] - config.significance * estimate["se"] <= 0.5:
+            result["reasons"].append(
+                f"reward model: orders {estimate['mean']:.0%} ± {estimate['se']:.0%} (SE over "
+                f"{estimate['n']} rankings) of the held-out pairs right, not better than chance "
+                f"by {config.significance} SE: the rankings it trained on carry no signal it "
+                "learned, so nothing trained on them goes live"
+            )
     if any(pairs):
         margins = agreement_margins(
             answer_logprobs(candidate, sequences, pad), answer_logprobs(live, sequences, pad), pairs

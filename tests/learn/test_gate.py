@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -18,64 +19,65 @@ from learn.gate import (
     worse_beyond_noise,
 )
 from learn.modeling import save_model
-from learn.reward import RewardConfig, train_reward_model
-from tests.learn.loop_helpers import arithmetic_prompts, sample_completions, shorter_first
+from learn.reward import train_reward_model
+from tests.learn.rlhf_helpers import REWARD_CONFIG, preference_events
 
 CONFIG = GateConfig(prompts=4, samples_per_prompt=2, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def rankings(tiny_model: Path) -> list[dict]:
-    """Feedback events: the tiny model's sampled answers, ranked shortest first."""
-    completions = sample_completions(tiny_model, arithmetic_prompts(16, seed=1), n=3)
-    return [
-        {
-            "id": c.id,
-            "messages": c.messages,
-            "candidates": c.candidates,
-            "ranking": shorter_first(c.candidates),
-            "all_bad": False,
-        }
-        for c in completions
-    ]
+def rankings() -> list[dict]:
+    """Held-out rankings of the users who prefer more "yes" (tests/learn/rlhf_helpers.py)."""
+    return preference_events(12, seed=99)
 
 
 @pytest.fixture(scope="module")
-def reward_dir(tiny_model: Path, rankings: list[dict], tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rm")
-    config = RewardConfig(epochs=1, rankings_per_batch=4, warmup_steps=1)
-    train_reward_model(rankings[:12], tiny_model, out, config, heldout_events=rankings[12:])
+def reward_dir(models: tuple[Path, Path]) -> Path:
+    """The reward model that learned that preference."""
+    return models[1]
+
+
+@pytest.fixture(scope="module")
+def noise_reward_dir(sft: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model trained on the same kind of answers ranked at random: it learned nothing."""
+    rng = random.Random(0)
+    shuffled = [
+        {**event, "ranking": [[i] for i in rng.sample(range(4), 4)]}
+        for event in preference_events(160)
+    ]
+    out = tmp_path_factory.mktemp("rm-noise")
+    train_reward_model(shuffled, sft, out, REWARD_CONFIG)
     return out
 
 
-def changed_copy(tiny_model: Path, out: Path, change) -> Path:
+def changed_copy(sft: Path, out: Path, change) -> Path:
     """A copy of the tiny model with ``change`` applied to its weights in place."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
     with torch.no_grad():
         change(model)
-    return save_model(model, AutoTokenizer.from_pretrained(tiny_model), out)
+    return save_model(model, AutoTokenizer.from_pretrained(sft), out)
 
 
 def run_gate(candidate: Path, live: Path, reward_dir: Path, rankings: list[dict]) -> dict:
     """The gate with ``live`` as the SFT reference too (the first round's situation)."""
-    prompts = [event["messages"] for event in rankings[12:]]
-    return evaluate_gate(candidate, live, live, reward_dir, rankings[12:], prompts, CONFIG)
+    prompts = [event["messages"] for event in rankings]
+    return evaluate_gate(candidate, live, live, reward_dir, rankings, prompts, CONFIG)
 
 
-def test_a_checkpoint_with_a_nan_weight_fails(tiny_model, reward_dir, rankings, tmp_path) -> None:
+def test_a_checkpoint_with_a_nan_weight_fails(sft, reward_dir, rankings, tmp_path) -> None:
     def poison(model):
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
 
-    gate = run_gate(changed_copy(tiny_model, tmp_path, poison), tiny_model, reward_dir, rankings)
+    gate = run_gate(changed_copy(sft, tmp_path, poison), sft, reward_dir, rankings)
     assert gate["passed"] is False
     assert gate["finite"] is False
     assert gate["reasons"] == ["finite: weights are not finite (NaN or inf)"]
 
 
-def test_an_identical_checkpoint_passes(tiny_model, reward_dir, rankings, tmp_path) -> None:
+def test_an_identical_checkpoint_passes(sft, reward_dir, rankings, tmp_path) -> None:
     candidate = tmp_path / "same"
-    shutil.copytree(tiny_model, candidate)
-    gate = run_gate(candidate, tiny_model, reward_dir, rankings)
+    shutil.copytree(sft, candidate)
+    gate = run_gate(candidate, sft, reward_dir, rankings)
     assert gate["passed"] is True, gate["reasons"]
     assert gate["reasons"] == []
     assert gate["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
@@ -83,19 +85,29 @@ def test_an_identical_checkpoint_passes(tiny_model, reward_dir, rankings, tmp_pa
     assert gate["reward_candidate"] == pytest.approx(gate["reward_live"])
     assert gate["reward_difference"]["n"] == 4
     assert gate["agreement_margin"]["mean"] == pytest.approx(0.0, abs=1e-4)
-    assert 0 < gate["heldout_rankings"] <= 4 <= gate["heldout_pairs"]  # tied ones: no pair
+    assert 0 < gate["heldout_rankings"] <= 12 <= gate["heldout_pairs"]  # tied ones: no pair
+    assert gate["rm_heldout_accuracy"]["mean"] > 0.5
 
 
-def test_a_far_away_checkpoint_fails_the_kl_budget(
-    tiny_model, reward_dir, rankings, tmp_path
+def test_nothing_trained_on_a_reward_model_of_noise_goes_live(
+    sft, noise_reward_dir, rankings, tmp_path
 ) -> None:
+    candidate = tmp_path / "same"
+    shutil.copytree(sft, candidate)
+    gate = run_gate(candidate, sft, noise_reward_dir, rankings)
+    assert gate["passed"] is False
+    assert [r for r in gate["reasons"] if r.startswith("reward model:")], gate["reasons"]
+    assert gate["rm_heldout_accuracy"]["low"] <= 0.5
+
+
+def test_a_far_away_checkpoint_fails_the_kl_budget(sft, reward_dir, rankings, tmp_path) -> None:
     def scramble(model):
         torch.manual_seed(1)
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.5)
 
-    far = changed_copy(tiny_model, tmp_path, scramble)
-    gate = run_gate(far, tiny_model, reward_dir, rankings)
+    far = changed_copy(sft, tmp_path, scramble)
+    gate = run_gate(far, sft, reward_dir, rankings)
     assert gate["passed"] is False
     assert gate["kl_to_sft"] > CONFIG.kl_budget
     kl = [reason for reason in gate["reasons"] if reason.startswith("KL:")]
