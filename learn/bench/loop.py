@@ -146,8 +146,8 @@ def plan(args: argparse.Namespace) -> list[Arm]:
     if "shuffled" in controls:
         arms.append(Arm(f"{learners[0]}/shuffled", learners[0], "shuffled",
                         VARIANTS[learners[0]], control="shuffled"))  # fmt: skip
-    if "none" in controls:
-        arms.append(Arm("no feedback", "bon", "shuffled", NO_FEEDBACK, control="none"))
+    if "none" in controls:  # the users rank as usual; the learner never looks
+        arms.append(Arm("no feedback", "bon", preferences[0], NO_FEEDBACK, control="none"))
     return arms + [arm for preference in preferences[1:] for arm in on(preference)]
 
 

@@ -30,6 +30,7 @@ def test_every_learner_meets_every_preference_and_the_controls_run_once() -> Non
     shuffled, none = arms[2:4]
     assert shuffled.users == "shuffled" and shuffled.learner == "dpo"
     assert none.loop_config == NO_FEEDBACK and none.control == "none"
+    assert none.users == "correctness"  # ranked as usual; the learner ignores them
     with pytest.raises(LearnError, match="unknown"):
         plan(args(learners="sgd"))
     (variant,) = plan(args(learners="bon-users", preferences="brevity", controls=""))
