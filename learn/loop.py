@@ -52,7 +52,7 @@ ops page:
      "rankings_unusable": {"all_tied": int, "all_bad": int},   # of the new ones
      "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int},
      "live": "vN", "start": "vN", "reference": "vN",   # live, the learner's start, SFT
-     "learner": "dpo",
+     "learner": "rloo",
      "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
      "policy": {...the learner's metrics (learn.ppo / rloo / dpo / bon)},
      "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
@@ -133,7 +133,7 @@ class LoopConfig:
         metadata={"help": "Skip the round (consume nothing) with fewer new rankings than this."},
     )
     learner: str = field(
-        default="dpo",
+        default="rloo",
         metadata={"help": "ppo, rloo, dpo or bon (learn/learner.py); LOOPCHAT_LEARNER sets it."},
     )
     rm_replay: int = field(

@@ -84,10 +84,11 @@ class Settings(BaseSettings):
         '`{"max_prompts": 64, "ppo": {...}}`. Unset: defaults sized for a CPU.',
     )
     learner: Literal["ppo", "rloo", "dpo", "bon"] = Field(
-        default="dpo",
+        default="rloo",
         description="How a learning round turns rankings into a new policy (learn/learner.py): "
-        "`dpo` on the rankings' pairs, `bon` best-of-n distillation, `rloo` group-baseline "
-        "policy gradient, `ppo` (InstructGPT's). The README's table says which wins.",
+        "`rloo` group-baseline policy gradient (the default: it learned most in `loopchat "
+        "bench loop`), `ppo` (InstructGPT's), `dpo` on the rankings' pairs, `bon` best-of-n "
+        "distillation.",
     )
     ptx: str = Field(
         default="auto",

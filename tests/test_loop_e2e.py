@@ -27,7 +27,7 @@ from tests.conftest import start_server
 ADMIN = {"Authorization": "Bearer e2e-admin"}
 ROUND_EVERY = 100
 
-# A round sized for a test: the default learner for one epoch, a small gate (its verdicts are
+# A round sized for a test: two short steps of the default learner, a small gate (its verdicts are
 # tested in tests/learn/test_gate.py). The tiny model's weights are random, so its reward model
 # learns little from a hundred rankings: the gate's signal check is off here, the plumbing is
 # what this test is about.
@@ -35,7 +35,7 @@ SMALL_LOOP = {
     "max_prompts": 8,
     "ptx_texts": 0,
     "reward": {"epochs": 1, "rankings_per_batch": 16},
-    "dpo": {"epochs": 1},
+    "rloo": {"steps": 2, "prompts_per_step": 4, "k": 2, "response_length": 16},
     "gate": {"prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "require_signal": False},
 }
 

@@ -88,7 +88,7 @@ def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
     assert client.get(LAST_ID) == ids[-1]
     assert pending(client) == 0
     candidate = registry.get(first["candidate"])
-    assert candidate["kind"] == config.learner == "dpo" and candidate["parent"] == "v1"
+    assert candidate["kind"] == config.learner == "rloo" and candidate["parent"] == "v1"
     assert candidate["info"]["reward_model"] == first["rm"]["version"] == "rm-1"
     assert registry.alias("candidate") == first["candidate"]
     assert candidate["gate"]["passed"] == first["gate"]["passed"]

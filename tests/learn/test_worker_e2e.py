@@ -80,7 +80,7 @@ def test_a_celery_worker_runs_a_triggered_round_and_leaves_a_loadable_candidate(
     settings = Settings(redis_url=redis_url, data_dir=tmp_path)
     registry = Registry.from_settings(settings, client)
     meta = registry.get(record["candidate"])
-    assert meta["kind"] == record["learner"] == "dpo" and meta["parent"] == "v1"
+    assert meta["kind"] == record["learner"] == "rloo" and meta["parent"] == "v1"
     assert meta["gate"]["passed"] == record["gate"]["passed"]
     assert registry.alias("live") == (record["candidate"] if record["promoted"] else "v1")
     assert record["promoted"] == record["gate"]["passed"]  # LOOPCHAT_AUTO_PROMOTE=1

@@ -191,7 +191,7 @@ def test_loop_reports_rankings_since_the_last_round_and_round_metrics(
         "next_round_in": settings.round_every - 2,
         "round_running": False,
         "auto_promote": False,
-        "learner": "dpo",
+        "learner": "rloo",
         "rankings_unusable": {"all_tied": 3, "all_bad": 1},
         "rounds": rounds,
     }
