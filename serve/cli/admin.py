@@ -17,6 +17,12 @@ from serve.cli import CLIError
 def register(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of ``checkpoints``, ``promote`` and ``rollback``."""
     if command == "checkpoints":
+        parser.add_argument(
+            "action", nargs="?", choices=["list", "export"], default="list",
+            help="list (default) or export VERSION --out DIR (a Hugging Face directory)",
+        )  # fmt: skip
+        parser.add_argument("version", nargs="?", help="the version to export")
+        parser.add_argument("--out", help="export: the directory to write")
         parser.add_argument("--json", action="store_true", help="print the raw JSON")
         parser.set_defaults(func=_checkpoints)
         return
@@ -40,7 +46,8 @@ def _admin():  # -> AdminService; imports kept out of `loopchat --help`
     return AdminService(registry, settings)
 
 
-def _operator() -> str:
+def operator() -> str:
+    """Who runs this command, for the registry's history."""
     try:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
@@ -48,6 +55,10 @@ def _operator() -> str:
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        from serve.cli.models import export
+
+        return export(args)
     state = _admin().checkpoints()
     if args.json:
         print(json.dumps(state, indent=2))
@@ -77,7 +88,7 @@ def _promote(args: argparse.Namespace) -> int:
     from serve.registry import RegistryError
 
     try:
-        state = _admin().promote(args.version, _operator(), args.reason, force=args.force)
+        state = _admin().promote(args.version, operator(), args.reason, force=args.force)
     except RegistryError as exc:
         raise CLIError(str(exc)) from None
     print(f"live: {state['live']} (previous: {state['previous']})")
@@ -88,7 +99,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from serve.registry import RegistryError
 
     try:
-        state = _admin().rollback(_operator(), args.reason)
+        state = _admin().rollback(operator(), args.reason)
     except RegistryError as exc:
         raise CLIError(str(exc)) from None
     print(f"live: {state['live']} (previous: {state['previous']})")
