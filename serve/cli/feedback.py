@@ -1,12 +1,20 @@
 """``loopchat feedback export|stats``: the stored rankings as files and as numbers.
 
 ``export --format rankings`` writes the stream's events as JSONL, exactly as stored (the input of
-``loopchat train reward``). ``export --format pairs`` writes one line per (better, worse) pair a
-ranking implies, in the conversational preference format with an explicit prompt that TRL's
-reward/DPO trainers and OpenRLHF (``--prompt_key prompt``) read::
+``loopchat train reward``). The other formats write one line per (better, worse) pair a ranking
+implies (none between tied answers), for people who train elsewhere:
 
-    {"prompt": [...messages...], "chosen": [{"role": "assistant", ...}],
-     "rejected": [{"role": "assistant", ...}]}
+- ``trl-dpo`` (alias ``pairs``): the conversational preference format with an explicit prompt
+  that TRL's DPO/reward trainers, ``datasets.load_dataset("json", ...)`` and OpenRLHF
+  (``--prompt_key prompt``) read::
+
+      {"prompt": [...messages...], "chosen": [{"role": "assistant", ...}],
+       "rejected": [{"role": "assistant", ...}]}
+
+- ``openai-dpo``: OpenAI's preference fine-tuning JSONL::
+
+      {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+       "non_preferred_output": [{"role": "assistant", ...}]}
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     export = actions.add_parser("export", help="write the rankings to a JSONL file")
     export.add_argument(
         "--format",
-        choices=["rankings", "pairs"],
+        choices=["rankings", "trl-dpo", "pairs", "openai-dpo"],
         default="rankings",
-        help="rankings: the stored events; pairs: chosen/rejected pairs (TRL, OpenRLHF)",
+        help="rankings: the stored events; trl-dpo (or pairs): prompt/chosen/rejected chat "
+        "messages (TRL, datasets, OpenRLHF); openai-dpo: OpenAI preference fine-tuning JSONL",
     )
     export.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     export.set_defaults(func=_export)
@@ -47,6 +56,24 @@ def preference_pairs(event: dict[str, Any]) -> Iterator[dict[str, list[dict[str,
 
     for better, worse in ranking_pairs(event["ranking"]):
         yield {"prompt": event["messages"], "chosen": answer(better), "rejected": answer(worse)}
+
+
+def openai_preference_pairs(event: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The same pairs in OpenAI's preference fine-tuning (DPO) format."""
+    for pair in preference_pairs(event):
+        yield {
+            "input": {"messages": pair["prompt"]},
+            "preferred_output": pair["chosen"],
+            "non_preferred_output": pair["rejected"],
+        }
+
+
+EXPORTS = {
+    "rankings": lambda event: [event],
+    "trl-dpo": preference_pairs,
+    "pairs": preference_pairs,
+    "openai-dpo": openai_preference_pairs,
+}
 
 
 _TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment", "unusable")
@@ -102,8 +129,7 @@ def _export(args: argparse.Namespace) -> int:
     lines = 0
     with open(partial, "w", encoding="utf-8") as fh:
         for _, event in _log().iter_events():
-            records = preference_pairs(event) if args.format == "pairs" else [event]
-            for record in records:
+            for record in EXPORTS[args.format](event):
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 lines += 1
     os.replace(partial, args.out)

@@ -61,12 +61,25 @@ def test_rankings_export_round_trips_the_stored_events(redis_url: str, tmp_path:
     ]
 
 
-def test_pairs_export_yields_every_ordered_pair_in_trl_format(
-    redis_url: str, tmp_path: Path
+EXPECTED_PAIRS = [  # [[2],[0,1],[3]] -> 5 pairs; [1,0,2] -> 3; all-bad and one tie group -> 0
+    ("answer 2", "answer 0"),
+    ("answer 2", "answer 1"),
+    ("answer 2", "answer 3"),
+    ("answer 0", "answer 3"),
+    ("answer 1", "answer 3"),
+    ("answer 1", "answer 0"),
+    ("answer 1", "answer 2"),
+    ("answer 0", "answer 2"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["trl-dpo", "pairs"])
+def test_trl_dpo_export_yields_every_ordered_pair_as_chat_messages(
+    redis_url: str, tmp_path: Path, fmt: str
 ) -> None:
     _store_mixed(redis_url)
     out = tmp_path / "pairs.jsonl"
-    done = loopchat(redis_url, "feedback", "export", "--format", "pairs", "--out", str(out))
+    done = loopchat(redis_url, "feedback", "export", "--format", fmt, "--out", str(out))
     assert done.returncode == 0, done.stderr
 
     records = _read_jsonl(out)
@@ -77,23 +90,35 @@ def test_pairs_export_yields_every_ordered_pair_in_trl_format(
         assert [m["role"] for m in record["chosen"] + record["rejected"]] == ["assistant"] * 2
         return record["chosen"][0]["content"], record["rejected"][0]["content"]
 
-    # 4 candidates [[2],[0,1],[3]] -> 5 pairs; [1,0,2] -> 3; all-bad and a single tie group -> 0.
-    assert [names(r) for r in records] == [
-        ("answer 2", "answer 0"),
-        ("answer 2", "answer 1"),
-        ("answer 2", "answer 3"),
-        ("answer 0", "answer 3"),
-        ("answer 1", "answer 3"),
-        ("answer 1", "answer 0"),
-        ("answer 1", "answer 2"),
-        ("answer 0", "answer 2"),
-    ]
+    assert [names(r) for r in records] == EXPECTED_PAIRS
 
     from datasets import load_dataset  # what TRL's trainers are handed
 
     dataset = load_dataset("json", data_files=str(out), split="train")
     assert dataset.column_names == ["prompt", "chosen", "rejected"]
     assert len(dataset) == 8
+
+
+def test_openai_dpo_export_writes_openai_preference_fine_tuning_records(
+    redis_url: str, tmp_path: Path
+) -> None:
+    _store_mixed(redis_url)
+    out = tmp_path / "openai.jsonl"
+    done = loopchat(redis_url, "feedback", "export", "--format", "openai-dpo", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    records = _read_jsonl(out)
+    assert all(
+        set(r) == {"input", "preferred_output", "non_preferred_output"}
+        and r["input"] == {"messages": make_completion(1).messages}
+        and [m["role"] for m in r["preferred_output"] + r["non_preferred_output"]]
+        == ["assistant", "assistant"]
+        for r in records
+    )
+    pairs = [
+        (r["preferred_output"][0]["content"], r["non_preferred_output"][0]["content"])
+        for r in records
+    ]
+    assert pairs == EXPECTED_PAIRS
 
 
 def test_stats_count_rankings_pairs_ties_all_bad_and_what_no_learner_can_use(
