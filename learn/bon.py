@@ -64,7 +64,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from learn.learner import RoundData, SamplingOptions, restore_optimizer, save_state
-from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
+from learn.modeling import autocast, load_policy, resolve_device, save_policy
 from learn.reward import check_model_dir, load_reward_model, score_ids
 from learn.tokens import Encoded, answer_logprobs, encode_answer, encode_prompt, generate_answers
 from serve.events import FeedbackEvent, normalise_ranking, ranking_pairs
@@ -286,7 +286,7 @@ def train_round(data: RoundData, config: BoNConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(data.policy_dir))
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_causal_lm(data.policy_dir).to(device)
+    policy = load_policy(data.policy_dir, data.reference_dir, data.lora).to(device)
     rm = None
     if config.select == "reward" and data.prompts:
         rm = load_reward_model(data.reward_dir).to(device).requires_grad_(False)
@@ -312,7 +312,7 @@ def train_round(data: RoundData, config: BoNConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, fused=True)
     rounds = resume(data.state, optimizer)
     epoch_losses, steps = distil(policy, optimizer, targets, pad_id, config, random.Random(seed))
-    save_model(policy, tokenizer, data.out_dir)
+    save_policy(policy, tokenizer, data.out_dir)
     save_state(
         Path(data.out_dir),
         {"learner": "bon", "optimizer": optimizer.state_dict(), "rounds": rounds + 1},

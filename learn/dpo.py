@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel
 
 from learn.learner import RoundData, TrainerOptions, restore_optimizer, save_state
-from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
+from learn.modeling import autocast, load_causal_lm, load_policy, resolve_device, save_policy
 from learn.reward import RankedAnswers, check_model_dir, encode_events
 from learn.rlhf import batch_pairs
 from learn.tokens import Encoded, answer_logprobs
@@ -380,7 +380,9 @@ def train_round(data: RoundData, config: DPOConfig) -> dict[str, Any]:
     if not ranked:
         raise ValueError("no ranking orders two answers")
     torch.manual_seed(config.seed)
-    policy = load_causal_lm(data.policy_dir).to(resolve_device(config.device))
+    policy = load_policy(data.policy_dir, data.reference_dir, data.lora).to(
+        resolve_device(config.device)
+    )
     rankings = score_reference(Path(data.reference_dir), ranked, imitate, policy, pad_id, config)
     optimizer, rounds = make_optimizer(policy, config, data.state)
     rounds += 1
@@ -392,7 +394,7 @@ def train_round(data: RoundData, config: DPOConfig) -> dict[str, Any]:
         steps += len(last_epoch)
         logger.info("dpo epoch %d: loss %.4f", epoch, _mean(last_epoch, "loss"))
     rewards = measure_rewards(policy, rankings, pad_id, config)
-    save_model(policy, tokenizer, data.out_dir)
+    save_policy(policy, tokenizer, data.out_dir)
     save_state(Path(data.out_dir), trainer_state(optimizer, rounds))
     return {
         "learner": "dpo",

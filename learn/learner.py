@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from learn import rlhf
+from learn.modeling import LoraOptions
 from serve.events import FeedbackEvent, Messages
 
 # name -> module; each module has CONFIG (its dataclass) and train_round(data, config).
@@ -125,6 +126,7 @@ class RoundData:
     state: dict[str, Any] | None  # the previous round's trainer state of this learner
     out_dir: Path  # write the policy here (and the state, with save_state)
     seed: int = 0  # differs per round, so rounds do not repeat their draws
+    lora: LoraOptions | None = None  # train a LoRA adapter on the reference (a large model)
 
 
 class Learner(Protocol):

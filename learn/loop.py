@@ -94,9 +94,11 @@ from learn.data import ptx_texts
 from learn.dpo import DPOConfig
 from learn.gate import GateConfig, evaluate_gate
 from learn.learner import RoundData, learner, load_state
+from learn.modeling import LoraOptions
 from learn.ppo import PPOConfig
 from learn.reward import RewardConfig, train_reward_model
 from learn.rloo import RLOOConfig
+from serve.adapters import learns_with_lora
 from serve.events import (
     COUNTED,
     HELDOUT,
@@ -390,6 +392,13 @@ def continuation(
     return live, live_dir, None
 
 
+def lora_options(reference_dir: Path, settings: Settings) -> LoraOptions | None:
+    """LoRA for a base above ``LOOPCHAT_LORA_ABOVE`` parameters (the engines decide alike)."""
+    if not learns_with_lora(reference_dir, settings.lora_above):
+        return None
+    return LoraOptions(rank=settings.lora_rank, alpha=settings.lora_alpha)
+
+
 def reference_version(registry: Registry, live: str) -> str:
     """The SFT reference PPO keeps close to: the ``sft`` ancestor of the live policy, or, if the
     chain was pruned, the newest ``sft`` version (which pruning always keeps)."""
@@ -539,6 +548,7 @@ def _round(
             state=state,
             out_dir=work / "policy",
             seed=int(client.llen(ROUNDS)),
+            lora=lora_options(reference_dir, settings),
         )
         policy_metrics = learner(config.learner).train_round(data, config.learner_config())
         timings["learn"] = time.time() - t
@@ -558,6 +568,7 @@ def _round(
                 "round": round_id,
                 "prompts": len(data.prompts),
                 "continued": state is not None,
+                **({"base": reference} if data.lora else {}),
             },
         )
         registry.set_candidate(candidate)

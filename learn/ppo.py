@@ -32,11 +32,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
 from learn.learner import KLOptions, RoundData, restore_optimizer, save_state
-from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
+from learn.modeling import (
+    LoraOptions,
+    autocast,
+    backbone,
+    load_causal_lm,
+    load_policy,
+    resolve_device,
+    save_policy,
+)
 from learn.reward import check_model_dir, last_token_rewards, load_reward_model, normalize_rewards
 from learn.tokens import (
     Rollout,
@@ -129,7 +137,7 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, batch: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, R, V) over answer tokens, scaled by 1/temperature; values (B, R))."""
-        hidden = self.lm.base_model(
+        hidden = backbone(self.lm)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
         index = batch.response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -355,8 +363,10 @@ def train_ppo(
     out_dir: str | Path,
     config: PPOConfig,
     state: dict[str, Any] | None = None,
+    lora: LoraOptions | None = None,
 ) -> dict[str, Any]:
-    """Run ``config.steps`` PPO steps from ``policy_dir`` and save the policy to ``out_dir``.
+    """Run ``config.steps`` PPO steps from ``policy_dir`` and save the policy to ``out_dir``
+    (with ``lora``: a LoRA adapter over ``ref_dir``, sampled with transformers).
 
     ``ref_dir`` is the frozen SFT reference of the KL penalty, ``reward_dir`` a reward model
     from ``learn.reward``, ``prompts`` the conversations to answer (cycled), ``ptx_texts``
@@ -374,7 +384,9 @@ def train_ppo(
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-    policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(str(policy_dir))).to(device)
+    if lora is not None and config.engine == "vllm":
+        config = replace(config, engine="hf")  # the vLLM sampler reloads full weights
+    policy = PolicyWithValue(load_policy(policy_dir, ref_dir, lora)).to(device)
     ref, rm = (
         load_causal_lm(ref_dir, frozen=True).to(device),
         load_reward_model(reward_dir).to(device),
@@ -416,7 +428,7 @@ def train_ppo(
             logger.info("ppo step %d: %s", step, _format(history[-1]))
     finally:
         sampler.close()
-    save_model(policy.lm, tokenizer, out_dir)
+    save_policy(policy.lm, tokenizer, out_dir)
     save_state(Path(out_dir), trainer_state(policy, optimizer, kl_ctl))
     return summarize(history, config, kl_ctl.value, setup, time.perf_counter() - started)
 
@@ -459,7 +471,7 @@ def train_round(data: RoundData, config: PPOConfig) -> dict[str, Any]:
     config = replace(config, seed=config.seed + data.seed)
     metrics = train_ppo(
         data.policy_dir, data.reference_dir, data.reward_dir, data.prompts, data.ptx_texts,
-        data.out_dir, config, data.state,
+        data.out_dir, config, data.state, data.lora,
     )  # fmt: skip
     return {"learner": "ppo", **metrics}
 

@@ -170,8 +170,8 @@ def init_reward_model(init_dir: str | Path, seed: int) -> tuple[PreTrainedModel,
 
 
 def check_model_dir(model_dir: str | Path) -> None:
-    """A clear error for a path that is not a Hugging Face model directory."""
-    if not (Path(model_dir) / "config.json").is_file():
+    """A clear error for a path that is not a Hugging Face model (or LoRA adapter) directory."""
+    if not any((Path(model_dir) / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ValueError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
 
 

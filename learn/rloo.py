@@ -50,7 +50,14 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from learn import rlhf
 from learn.learner import KLOptions, RoundData, restore_optimizer, save_state
-from learn.modeling import autocast, load_causal_lm, resolve_device, save_model
+from learn.modeling import (
+    autocast,
+    backbone,
+    load_causal_lm,
+    load_policy,
+    resolve_device,
+    save_policy,
+)
 from learn.reward import check_model_dir, load_reward_model, score_ids
 from learn.tokens import Rollout, encode_prompt, generate_answers, make_rollout, prompt_batches
 
@@ -162,7 +169,7 @@ def rloo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
 def answer_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) -> torch.Tensor:
     """Logits (B, R, V) predicting each answer token, scaled by 1/temperature: the LM head runs
     only where an answer token is predicted, not over the prompt."""
-    hidden = model.base_model(
+    hidden = backbone(model)(
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, use_cache=False
     ).last_hidden_state
     index = rollout.response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -255,7 +262,7 @@ def load_models(
         check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(data.policy_dir))
     # eval mode although it trains: no dropout, so the gradient forward is the sampling policy
-    policy = load_causal_lm(data.policy_dir).to(device)
+    policy = load_policy(data.policy_dir, data.reference_dir, data.lora).to(device)
     ref = load_causal_lm(data.reference_dir, frozen=True).to(device)
     rm = load_reward_model(data.reward_dir).to(device).requires_grad_(False)
     for name, other in (("reference", ref), ("reward model", rm)):
@@ -308,7 +315,7 @@ def train_round(data: RoundData, config: RLOOConfig) -> dict[str, Any]:
         kl_ctl.update(stats["kl"], config.k * config.prompts_per_step)
         history.append(stats)
         logger.info("rloo step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-    save_model(policy, tokenizer, data.out_dir)
+    save_policy(policy, tokenizer, data.out_dir)
     previous = data.state if resumed else {}
     save_state(
         data.out_dir,

@@ -70,7 +70,8 @@ async def lifespan(app: FastAPI, default_model: ModelSource | None) -> AsyncIter
         first_model = partial(initial_model, settings, default_model)  # only if nothing is live
         version, local_dir = await asyncio.to_thread(registry.ensure_live, first_model)
 
-        engine = make_engine(settings.engine, local_dir, version, settings)
+        base_dir = await asyncio.to_thread(registry.base_path, version)  # adapter versions
+        engine = make_engine(settings.engine, local_dir, version, settings, base_dir)
         await engine.start()
         stack.push_async_callback(engine.shutdown)
         app.state.engine = engine

@@ -45,8 +45,9 @@ class LiveFollower:
             if live is None or live == self.engine.version:
                 return live
             local_dir = await asyncio.to_thread(self.registry.local_path, live)
+            base_dir = await asyncio.to_thread(self.registry.base_path, live)
             old = self.engine.version
-            await self.engine.swap(str(local_dir), live)
+            await self.engine.swap(str(local_dir), live, base_dir)
             log.info("hot-swapped %s -> %s", old, live)
             return live
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serve.adapters import is_adapter, load_merged
 from serve.registry import Registry, weights_finite
 
 GGUF_MAGIC = b"GGUF"
@@ -201,8 +202,8 @@ EXPORT_SKIP = ("loopchat.json", "learner/")  # registry metadata and trainer sta
 
 def export_version(registry: Registry, version: str, out: Path) -> Path:
     """Write ``version`` to ``out`` as a plain Hugging Face directory that transformers and vLLM
-    load unchanged (no registry metadata, no trainer state). ``out`` must not hold files yet:
-    an export never overwrites."""
+    load unchanged (no registry metadata, no trainer state; an adapter version merged into its
+    base). ``out`` must not hold files yet: an export never overwrites."""
     meta = registry.get(version)
     if meta is None:
         raise ModelImportError(f"unknown version {version!r}")
@@ -210,6 +211,12 @@ def export_version(registry: Registry, version: str, out: Path) -> Path:
         raise ModelImportError(f"{out} is not empty")
     src = registry.local_path(version)
     out.mkdir(parents=True, exist_ok=True)
+    if is_adapter(src):
+        from transformers import AutoTokenizer
+
+        load_merged(src, registry.base_path(version)).save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+        return out
     for file in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = file.relative_to(src).as_posix()
         if not rel.startswith(EXPORT_SKIP):

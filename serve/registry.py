@@ -57,6 +57,7 @@ import fsspec
 import redis
 from fsspec.implementations.local import LocalFileSystem
 
+from serve.adapters import is_adapter
 from serve.store import key
 
 Kind = Literal["sft", "ppo", "rloo", "dpo", "bon", "reward"]
@@ -210,10 +211,14 @@ class Registry:
         if kind not in KINDS:
             raise RegistryError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
         local = Path(local_dir)
-        if not (local / "config.json").is_file():
+        adapter = is_adapter(local)
+        if not adapter and not (local / "config.json").is_file():
             raise RegistryError(f"{local} is not a Hugging Face model directory (no config.json)")
         if parent is not None and self.get(parent) is None:
             raise UnknownVersion(f"parent {parent!r} is not a registered version")
+        base = (info or {}).get("base")
+        if adapter and (base is None or self.get(base) is None):
+            raise RegistryError(f"{local} is a LoRA adapter: info['base'] must name its base")
         finite = weights_finite(local)
         version = self._next_version(kind)
         meta = {
@@ -281,6 +286,11 @@ class Registry:
         if not isinstance(gate.get("passed"), bool):
             raise RegistryError("a gate result needs a boolean 'passed'")
         self.client.hset(_rkey("version", version), "gate", json.dumps(gate))
+
+    def base_path(self, version: str) -> Path | None:
+        """For an adapter version, a local directory of the base it adapts (else None)."""
+        base = (self._require(version).get("info") or {}).get("base")
+        return self.local_path(base) if base else None
 
     def local_path(self, version: str) -> Path:
         """A local directory holding the version's files (fetched once from a remote store)."""
@@ -447,8 +457,9 @@ class Registry:
     def prune(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` policy versions and ``keep`` reward models.
 
-        Never deleted: live, previous, the candidate, and the newest ``sft`` version (the
-        reference PPO measures KL against). Returns the deleted versions.
+        Never deleted: live, previous, the candidate, the newest ``sft`` version (the
+        reference PPO measures KL against), and the base of any adapter version that stays.
+        Returns the deleted versions.
         """
         if keep < 1:
             raise RegistryError("keep must be at least 1")
@@ -456,6 +467,7 @@ class Registry:
         sft = self.versions("sft")
         if sft:
             protected.add(sft[-1]["version"])
+        protected |= {b for m in self.versions() if (b := (m.get("info") or {}).get("base"))}
         deleted: list[str] = []
         for kind in ("policy", "reward"):
             metas = self.versions(kind)

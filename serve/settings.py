@@ -96,6 +96,17 @@ class Settings(BaseSettings):
         "model, off for a user's model), `builtin`, `off`, or a .txt/.jsonl file or folder of "
         "the served model's kind of text.",
     )
+    lora_above: int = Field(
+        default=50_000_000,
+        ge=0,
+        description="Models with more parameters than this learn as LoRA adapters on their "
+        "frozen base (peft), and vLLM serves them with runtime LoRA: a new version goes live by "
+        "loading its adapter. The built-in model (~1M) stays below: full-weight updates.",
+    )
+    lora_rank: int = Field(
+        default=16, ge=1, le=256, description="LoRA rank r of the adapters (and vLLM's max)."
+    )
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale alpha / r).")
     keep_versions: int = Field(
         default=10, ge=2, description="Policy versions kept (live and previous never deleted)."
     )

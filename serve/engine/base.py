@@ -6,6 +6,11 @@ hot swap. A swap closes the door to new requests, waits until every request admi
 old weights has finished (so none fails and none mixes two versions), lets the engine load the
 new weights, then reopens. Every delta carries the version that was live when its request was
 admitted, which is the version that produced all of its tokens.
+
+Adapter versions (``serve.adapters``) swap without draining: the engine keeps its base weights,
+loads the new adapter beside the old one, then switches in one step; a request runs to the end
+on the adapter (and version) it was admitted with, so old and new answers overlap safely and no
+request waits for a swap.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from serve.adapters import is_adapter
 from serve.settings import Settings
 
 log = logging.getLogger("loopchat.serve")
@@ -105,12 +112,22 @@ class Engine(ABC):
     name: str
     drain_seconds: float = 30.0
 
-    def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        version: str,
+        settings: Settings,
+        base_dir: str | Path | None = None,
+    ) -> None:
+        """``model_dir`` is the version's directory; for an adapter version, ``base_dir`` is
+        the base model it adapts (the weights actually loaded)."""
         self.model_dir = str(model_dir)
+        self.base_dir = str(base_dir or model_dir)
         self.version = version
         self.settings = settings
-        self.max_model_len = context_length(model_dir, settings)
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_dir)
+        self.max_model_len = context_length(self.base_dir, settings)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.base_dir)
+        self._adapter: Any = None  # the engine's handle of the adapter served (None: the base)
         self._open = asyncio.Event()
         self._open.set()
         self._admitted = _Admission()
@@ -130,13 +147,23 @@ class Engine(ABC):
 
     @abstractmethod
     def _stream(
-        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
     ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
-        """Raw deltas ``(index, text, new tokens, finish_reason)`` of every candidate."""
+        """Raw deltas ``(index, text, new tokens, finish_reason)`` of every candidate, from the
+        base with ``adapter`` (a handle from ``_load_adapter``, or None)."""
 
     @abstractmethod
     async def _reload(self, model_dir: str) -> None:
         """Replace the weights with those in ``model_dir``; called with no request running."""
+
+    @abstractmethod
+    async def _load_adapter(self, adapter_dir: str, version: str) -> Any:
+        """Make the adapter ready to serve over the loaded base; returns its handle."""
+
+    async def start_adapter(self) -> None:
+        """After ``start``: load the version's adapter when the version is one."""
+        if is_adapter(self.model_dir):
+            self._adapter = await self._load_adapter(self.model_dir, self.version)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], options: SamplingOptions
@@ -148,9 +175,9 @@ class Engine(ABC):
         if options.n > 1 and options.temperature == 0:
             raise EngineRequestError("n > 1 needs temperature > 0 (greedy answers are all equal)")
         await self._open.wait()
-        version = self.version
+        version, adapter = self.version, self._adapter  # together: what this request runs on
         self._admitted.enter()
-        stream = self._stream(request_id, prompt_ids, options)
+        stream = self._stream(request_id, prompt_ids, options, adapter)
         finished = False
         try:
             async for index, text, tokens, reason in stream:
@@ -164,22 +191,33 @@ class Engine(ABC):
             finally:
                 self._admitted.leave()
 
-    async def swap(self, model_dir: str | Path, version: str) -> None:
-        """Serve ``model_dir`` as ``version`` from now on; in-flight requests finish first.
+    async def swap(
+        self, model_dir: str | Path, version: str, base_dir: str | Path | None = None
+    ) -> None:
+        """Serve ``model_dir`` as ``version`` from now on (``base_dir``: the base of an adapter
+        version). Over the same base, an adapter (or the bare base) is switched in one step
+        without draining; otherwise in-flight requests finish first and the weights reload.
 
         The tokenizer stays: the versions one deployment swaps between share it. Requests still
         open after ``drain_seconds`` are clients reading slowly; their tokens were generated
         (vLLM pauses in "wait" mode) or are generated (HF keeps its model object) by the old
         weights, so their version tags stay true and the swap goes ahead.
         """
+        model_dir, base = str(model_dir), str(base_dir or model_dir)
         async with self._swap_lock:
+            if base == self.base_dir:  # same base weights: only the adapter changes
+                adapter = await self._load_adapter(model_dir, version) if base_dir else None
+                self.model_dir, self.version, self._adapter = model_dir, version, adapter
+                return
             self._open.clear()
             try:
                 try:
                     await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
                 except TimeoutError:
                     log.warning("swapping with %d slow readers still open", self._admitted.active)
-                await self._reload(str(model_dir))
-                self.model_dir, self.version = str(model_dir), version
+                await self._reload(base)
+                self.base_dir, self._adapter = base, None
+                adapter = await self._load_adapter(model_dir, version) if base_dir else None
+                self.model_dir, self.version, self._adapter = model_dir, version, adapter
             finally:
                 self._open.set()

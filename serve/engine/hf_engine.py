@@ -15,10 +15,12 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from serve.adapters import load_merged
 from serve.engine.base import Engine, SamplingOptions
 from serve.settings import Settings
 
@@ -151,8 +153,14 @@ class HFEngine(Engine):
 
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
-        super().__init__(model_dir, version, settings)
+    def __init__(
+        self,
+        model_dir: str | Path,
+        version: str,
+        settings: Settings,
+        base_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(model_dir, version, settings, base_dir)
         self._model: PreTrainedModel | None = None
         self._executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hf-engine")
         self._cancel: dict[str, threading.Event] = {}
@@ -161,7 +169,8 @@ class HFEngine(Engine):
         # Requests already run in parallel threads; intra-op threads on top of them oversubscribe
         # the cores (measured: 9x slower for the nano model on a busy 2-core machine).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
-        self._model = await asyncio.to_thread(load_model, self.model_dir)
+        self._model = await asyncio.to_thread(load_model, self.base_dir)
+        await self.start_adapter()
 
     async def shutdown(self) -> None:
         for event in self._cancel.values():
@@ -176,10 +185,15 @@ class HFEngine(Engine):
     async def _reload(self, model_dir: str) -> None:
         self._model = await asyncio.to_thread(load_model, model_dir)
 
+    async def _load_adapter(self, adapter_dir: str, version: str) -> PreTrainedModel:
+        """The base with the adapter merged in, as a model object of its own: requests hold
+        the object they started with, so the switch needs no drain."""
+        return await asyncio.to_thread(load_merged, adapter_dir, self.base_dir)
+
     async def _stream(
-        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
     ) -> AsyncGenerator[RawDelta, None]:
-        model = self._model
+        model = adapter if adapter is not None else self._model
         if model is None:
             raise RuntimeError("HFEngine.start() was not awaited")
         loop = asyncio.get_running_loop()

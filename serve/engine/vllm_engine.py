@@ -8,11 +8,13 @@ KV, and would otherwise serve stale attention for prompts seen before) → resum
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from serve.adapters import adapter_rank, learns_with_lora
 from serve.engine.base import Engine, EngineRequestError, SamplingOptions
 from serve.settings import Settings
 
@@ -25,31 +27,50 @@ def configure_environment(data_dir: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data_dir / "cache" / "inductor"))
 
 
+def max_rank(rank: int) -> int:
+    """vLLM's ``max_lora_rank`` takes only these sizes: the smallest that fits ``rank``."""
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+
+
 class VLLMEngine(Engine):
     """vLLM's asynchronous engine; settings that work on CPU (eager, bounded KV cache, fp32)."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, version: str, settings: Settings) -> None:
-        super().__init__(model_dir, version, settings)
+    def __init__(
+        self,
+        model_dir: str | Path,
+        version: str,
+        settings: Settings,
+        base_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(model_dir, version, settings, base_dir)
         self._llm: Any = None
+        # Runtime LoRA when policies over this base learn as adapters: it must be on from the
+        # start, before the first adapter version exists.
+        self.lora = learns_with_lora(self.base_dir, settings.lora_above)
+        self._lora_ids = itertools.count(1)
 
     async def start(self) -> None:
         configure_environment(self.settings.data_dir)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        lora = {"enable_lora": True, "max_lora_rank": max_rank(self.settings.lora_rank),
+                "max_loras": 2, "max_cpu_loras": 4} if self.lora else {}  # fmt: skip
         args = AsyncEngineArgs(
-            model=self.model_dir,
+            model=self.base_dir,
             enforce_eager=True,
             kv_cache_memory_bytes=self.settings.kv_cache_bytes,
             max_model_len=self.max_model_len,
             dtype="float32",
             disable_log_stats=True,
             worker_extension_cls="serve.engine.vllm_worker.WeightReloadExtension",
+            **lora,
         )
         # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
         self._llm = AsyncLLM.from_engine_args(args)
+        await self.start_adapter()
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -70,8 +91,24 @@ class VLLMEngine(Engine):
         finally:
             await self._llm.resume_generation()
 
+    async def _load_adapter(self, adapter_dir: str, version: str) -> Any:
+        """Register the adapter with the engine (read from disk now, not on the first request
+        that uses it) and return its ``LoRARequest``."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora:
+            raise EngineRequestError(
+                f"{version} is a LoRA adapter but this engine's base is below "
+                "LOOPCHAT_LORA_ABOVE, so runtime LoRA is off"
+            )
+        if adapter_rank(adapter_dir) > max_rank(self.settings.lora_rank):
+            raise EngineRequestError(f"{version}: adapter rank above LOOPCHAT_LORA_RANK")
+        request = LoRARequest(version, next(self._lora_ids), adapter_dir)
+        await self._llm.add_lora(request)
+        return request
+
     async def _stream(
-        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
     ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
         from vllm import SamplingParams, TokensPrompt
         from vllm.exceptions import VLLMValidationError
@@ -88,7 +125,9 @@ class VLLMEngine(Engine):
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         try:
-            async for output in self._llm.generate(prompt, params, request_id):
+            async for output in self._llm.generate(
+                prompt, params, request_id, lora_request=adapter
+            ):
                 for choice in output.outputs:
                     yield choice.index, choice.text, len(choice.token_ids), choice.finish_reason
         except VLLMValidationError as exc:
