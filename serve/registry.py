@@ -12,6 +12,10 @@ written: files are copied under a temporary name, renamed to the version name, a
 its metadata written to Redis, which is what every reader looks at. A crash mid-copy leaves an
 orphan directory that no reader ever sees.
 
+A policy over a large base may be a LoRA adapter directory instead (``serve.adapters``): its
+``info.base`` names the registered version it adapts, ``base_path`` fetches that, and
+``prune`` never deletes a base that a kept version needs.
+
 Aliases: ``live`` (what users are served), ``previous`` (what ``rollback`` returns to) and
 ``candidate`` (a trained version waiting for the gate or an operator). ``live`` and ``previous``
 are the top two entries of a stack of live versions: ``promote`` pushes, ``rollback`` pops, so
