@@ -17,6 +17,7 @@ LEARN_MAY_USE = {
     "serve.events",
     "serve.store",
     "serve.registry",
+    "serve.adapters",  # what an adapter version is on disk: part of the registry's format
     "serve.settings",
     "serve.loop_trigger",
 }
