@@ -9,7 +9,9 @@ whose chunks named two versions (the engine contract says none), and how long ea
 took to reach users (first chunk carrying the new ``system_fingerprint``).
 
 The swapped-in versions are registered copies of the served model: the engine reloads real
-weights from a new directory each time, which is the cost being measured.
+weights from a new directory each time, which is the cost being measured. With ``--adapters``
+(a model above ``LOOPCHAT_LORA_ABOVE``) they are LoRA adapters over the served base instead, as
+the loop makes for such a model: the engine loads an adapter and switches, the base stays.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--swap-every", type=float, default=3, help="Seconds between promotions (3)."
     )
+    parser.add_argument(
+        "--adapters", action="store_true",
+        help="Swap LoRA adapter versions over the served base (a model above "
+        "LOOPCHAT_LORA_ABOVE) instead of full copies.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -188,17 +195,48 @@ def _analyse(requests: list[Request], swaps: list[Swap], started: float) -> dict
     }
 
 
-def _register_versions(svc: Service, model: Path, count: int) -> list[str]:
-    """Copies of the served model as new policy versions (the operator's swap targets)."""
+def _register_versions(svc: Service, model: Path, count: int, adapters: bool) -> list[str]:
+    """New policy versions as the operator's swap targets: copies of the served model, or LoRA
+    adapters over it (rank ``LOOPCHAT_LORA_RANK``, small random weights: other answers)."""
     from serve.registry import Registry
+    from serve.settings import Settings
     from serve.store import sync_client
 
     registry = Registry(sync_client(svc.redis_url), svc.checkpoints_url, svc.data_dir / "cache")
     live = registry.alias("live")
-    return [
-        registry.register(model, "ppo", live, {"bench": "swap"}, {"source": str(model)})
-        for _ in range(count)
-    ]
+    if not adapters:
+        versions = [
+            registry.register(model, "ppo", live, {"bench": "swap"}, {"source": str(model)})
+            for _ in range(count)
+        ]
+        return _gated(registry, versions)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from learn.modeling import load_causal_lm
+
+    settings = Settings()
+    versions = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,
+                          target_modules="all-linear", init_lora_weights=False)  # fmt: skip
+        out = svc.data_dir / f"bench-adapter-{seed}"
+        get_peft_model(load_causal_lm(model), lora).save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
+        versions.append(
+            registry.register(out, "rloo", live, {"bench": "swap"}, {"base": live, "adapter": True})
+        )
+    return _gated(registry, versions)
+
+
+def _gated(registry: Any, versions: list[str]) -> list[str]:
+    """Record a passing gate on the bench's versions (they are the served model or a small
+    random adapter over it), so that promoting them is the operator's normal path."""
+    for version in versions:
+        registry.record_gate(version, {"passed": True, "reasons": ["bench swap version"]})
+    return versions
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     env = {"LOOPCHAT_ROUND_EVERY": str(1 << 30), "LOOPCHAT_MAX_N": str(max(args.n, 1))}
     with scratch_dir("bench-swap") as work, bench_redis(args.redis_url, work) as redis_url:
         with service(model, work, redis_url, args.engine, env=env) as svc:
-            versions = _register_versions(svc, model, 2)
+            versions = _register_versions(svc, model, 2, args.adapters)
             print(f"bench swap: {args.engine}, promoting {versions} {args.swaps}x", flush=True)
             measured = asyncio.run(_run(svc, versions, args))
     result = {
@@ -219,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         "clients": args.clients,
         "n": args.n,
         "max_tokens": args.max_tokens,
+        "adapters": args.adapters,
         **measured,
     }
     path = write_result(args.out, NAME, result)
