@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,6 +138,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class MemoryPeak:
+    """Peak resident memory of a process tree, sampled in a thread: the API process with its
+    engine core, and the learning worker (a child running ``serve.cli worker``) apart."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.peak = {"serve_mb": 0.0, "worker_mb": 0.0, "total_mb": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="memory-peak")
+        self._thread.start()
+
+    def _sample(self) -> dict[str, float]:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        now = {"serve_mb": 0.0, "worker_mb": 0.0}
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                role = "worker_mb" if "worker" in proc.cmdline() else "serve_mb"
+                now[role] += proc.memory_info().rss / 2**20
+            except psutil.Error:  # ended between listing and reading
+                continue
+        return {**now, "total_mb": now["serve_mb"] + now["worker_mb"]}
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            try:
+                now = self._sample()
+            except psutil.Error:
+                return
+            self.peak = {k: round(max(self.peak[k], now[k]), 1) for k in self.peak}
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 @dataclass
 class Service:
     """A running ``loopchat up`` child process and what a benchmark needs to reach it."""
@@ -147,6 +188,7 @@ class Service:
     admin_token: str
     process: subprocess.Popen
     log: Path
+    memory: MemoryPeak | None = None  # peak RSS of serve (+ engine) and worker, MB
 
     @property
     def checkpoints_url(self) -> str:
@@ -230,10 +272,12 @@ def service(
     with open(log, "wb") as fh:
         process = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     svc = Service(f"http://{HOST}:{port}", redis_url, data_dir, token, process, log)
+    svc.memory = MemoryPeak(process.pid)
     try:
         _wait_healthy(svc, timeout_s)
         yield svc
     finally:
+        svc.memory.stop()
         _stop(process)
 
 

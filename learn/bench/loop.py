@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         with scratch_dir("bench-loop") as work, bench_redis(args.redis_url, work) as redis_url:
             with service(model, work, redis_url, args.engine, worker=True, env=env) as svc:
                 measured = asyncio.run(run_arm(svc, arm, args, Deadline(args.max_minutes)))
+                measured["peak_memory_mb"] = svc.memory.peak if svc.memory else None
         minutes = (time.time() - arm_started) / 60
         result["runs"].append({**measured, **verdict(measured, kl_budget, minutes)})
         result["wall_minutes"] = (time.time() - started) / 60

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_dir(args.model)
 
     results: dict[str, list[dict]] = {}
+    memory: dict[str, dict[str, float] | None] = {}
     with scratch_dir("bench-serve") as work:
         for engine in engines:
             print(f"bench serve: starting loopchat up --engine {engine}", flush=True)
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 env = {"LOOPCHAT_ROUND_EVERY": str(1 << 30), "LOOPCHAT_MAX_N": str(args.n)}
                 with service(model, work, redis_url, engine, env=env) as svc:
                     results[engine] = asyncio.run(_measure(svc.url, levels, args))
+                    memory[engine] = svc.memory.peak if svc.memory else None
             for row in results[engine]:
                 print(f"  {engine} {_line(row)}", flush=True)
 
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests,
         "engines": results,
+        "peak_memory_mb": memory,
         "vllm_over_hf_tokens_per_s": ratios,
         "target": f"vLLM >= {TARGET_RATIO:g}x HF tokens/s at concurrency >= 8",
         "target_met": bool(ratios) and all(r >= TARGET_RATIO for r in ratios.values()),
