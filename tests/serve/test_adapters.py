@@ -96,3 +96,39 @@ def test_adapter_swaps_under_load_fail_nothing_label_every_answer_and_roll_back_
     expected = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
     assert a_text.replace("\ufffd", "") == expected.replace("\ufffd", "")
     assert is_adapter(adapters[0])
+
+
+def test_a_server_starting_on_a_live_adapter_serves_it_over_its_base(
+    tiny_model: Path, adapters: tuple[Path, Path], tmp_path: Path, redis_url: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.registry import Registry
+    from serve.store import sync_client
+
+    settings = Settings(
+        data_dir=tmp_path, redis_url=redis_url, engine="hf", model=str(tiny_model), lora_above=0
+    )
+    registry = Registry.from_settings(settings, sync_client(redis_url))
+    registry.ensure_live(tiny_model)
+    version = registry.register(adapters[0], "rloo", "v1", {}, {"base": "v1"})
+    registry.record_gate(version, {"passed": True, "reasons": ["test"]})
+    registry.promote(version, by="test", reason="adapter live before the server starts")
+    request = {
+        "model": "loopchat", "temperature": 0, "max_tokens": GREEDY.max_tokens,
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+    }  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/v1/chat/completions", json=request).json()
+    assert answer["system_fingerprint"] == version
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    prompt = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)  # fmt: skip
+    out = load_merged(adapters[0], tiny_model).generate(
+        torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False
+    )
+    expected = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    served = answer["choices"][0]["message"]["content"]
+    assert served.replace("\ufffd", "") == expected.replace("\ufffd", "")
