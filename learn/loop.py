@@ -519,16 +519,20 @@ def _round(
         t = time.time()
         reward_models = registry.versions("reward")
         previous_rm = reward_models[-1]["version"] if reward_models else None
+        lora = lora_options(reference_dir, settings)
         rm_metrics = train_reward_model(
             [event for _, event in rankings.replay] + train,
             registry.local_path(previous_rm or reference),
             work / "rm",
             config.reward,
             heldout_events=heldout,
+            lora=lora,
+            base_dir=reference_dir,
         )
         rm = registry.register(
             work / "rm", "reward", parent=previous_rm or reference, metrics=rm_metrics,
-            info={"round": round_id, "data_window": rankings.window()},
+            info={"round": round_id, "data_window": rankings.window(),
+                  **({"base": reference} if lora else {})},
         )  # fmt: skip
         rm_dir = registry.local_path(rm)
         timings["reward"] = time.time() - t
@@ -548,7 +552,7 @@ def _round(
             state=state,
             out_dir=work / "policy",
             seed=int(client.llen(ROUNDS)),
-            lora=lora_options(reference_dir, settings),
+            lora=lora,
         )
         policy_metrics = learner(config.learner).train_round(data, config.learner_config())
         timings["learn"] = time.time() - t

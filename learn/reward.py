@@ -43,9 +43,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from learn.modeling import resolve_device
+from learn.modeling import LoraOptions, adapter_base, backbone, resolve_device
 from learn.rlhf import batch_pairs, pairwise_accuracy, pairwise_ranking_loss
 from learn.tokens import Encoded, encode_answer, pad_right
+from serve.adapters import is_adapter
 from serve.events import Messages, normalise_ranking, ranking_pairs, ranking_problem
 
 logger = logging.getLogger(__name__)
@@ -154,19 +155,48 @@ def encode_events(
 # --- the model -----------------------------------------------------------------------------------
 
 
-def init_reward_model(init_dir: str | Path, seed: int) -> tuple[PreTrainedModel, bool]:
+def init_reward_model(
+    init_dir: str | Path, seed: int, lora: LoraOptions | None = None, base_dir: Path | None = None
+) -> tuple[PreTrainedModel, bool]:
     """Backbone (and head, when ``init_dir`` is a reward model) from ``init_dir``.
 
     From an SFT causal LM the backbone is copied and a new scalar head (``num_labels=1``) is
-    initialised; from a previous reward model everything is (the warm start). Returns the model
-    and whether it was a warm start.
+    initialised; from a previous reward model everything is (the warm start). With ``lora`` (a
+    large model) the backbone is ``base_dir``'s, frozen, under a LoRA adapter, and the head is
+    trained in full beside it (peft's ``modules_to_save``); the warm start is then the previous
+    reward model's adapter. Returns the model and whether it was a warm start.
     """
     warm = is_reward_model(init_dir)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(init_dir), num_labels=1, dtype=torch.float32
+    if lora is None:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(init_dir), num_labels=1, dtype=torch.float32
+        )
+        return model, warm
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(base_dir), num_labels=1, dtype=torch.float32
     )
-    return model, warm
+    if warm and is_adapter(init_dir):
+        model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
+        copy_reward_statistics(AutoConfig.from_pretrained(str(init_dir)), model.config)
+        return model, True
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, task_type="SEQ_CLS",
+    )  # fmt: skip
+    return get_peft_model(base, config), False
+
+
+REWARD_STATISTICS = ("reward_mean", "reward_std", "likelihood_weight")
+
+
+def copy_reward_statistics(source: Any, target: Any) -> None:
+    """What a reward model keeps in its config beside the weights (scale and likelihood weight)."""
+    for name in REWARD_STATISTICS:
+        if hasattr(source, name):
+            setattr(target, name, getattr(source, name))
 
 
 def check_model_dir(model_dir: str | Path) -> None:
@@ -185,7 +215,18 @@ def load_reward_model(model_dir: str | Path) -> PreTrainedModel:
     """A trained reward model, in eval mode; its tokenizer is in the same directory."""
     if not is_reward_model(model_dir):
         raise ValueError(f"{model_dir} is not a reward model (no reward_mean in its config)")
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32)
+    if not is_adapter(model_dir):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        )
+        return model.eval()
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        adapter_base(model_dir), num_labels=1, dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+    copy_reward_statistics(AutoConfig.from_pretrained(str(model_dir)), model.config)
     return model.eval()
 
 
@@ -211,7 +252,7 @@ def head_and_likelihood(
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.base_model(
+    hidden = backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state
     positions = torch.arange(input_ids.shape[1], device=device)
@@ -356,10 +397,13 @@ def train_reward_model(
     out_dir: str | Path,
     config: RewardConfig,
     heldout_events: Sequence[dict[str, Any]] | None = None,
+    lora: LoraOptions | None = None,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or refresh) a reward model on feedback events and save it to ``out_dir``.
 
     ``init_dir`` is the SFT policy (first time) or the previous reward model (warm start).
+    With ``lora``, an adapter over ``base_dir`` (the SFT model) is trained and saved instead.
     Returns JSON-able metrics: ``heldout_accuracy`` (None without held-out rankings),
     ``reward_mean``, ``reward_std``, ``likelihood_weight``, train loss/accuracy, counts, time.
     """
@@ -376,7 +420,9 @@ def train_reward_model(
     if not train:
         raise ValueError("no ranking that orders at least two answers to train on")
 
-    model, warm = init_reward_model(init_dir, config.seed)
+    if lora is not None and base_dir is None:
+        raise ValueError("a LoRA reward model needs base_dir (the SFT model)")
+    model, warm = init_reward_model(init_dir, config.seed, lora, base_dir)
     device = resolve_device(config.device)
     model.to(device)
     use_likelihood = config.likelihood_feature and has_likelihood_head(model)
@@ -424,6 +470,8 @@ def train_reward_model(
     model.config.reward_std = max(on_train["rewards"].std().item(), 1e-6)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
+    if lora is not None:  # the adapter alone: keep the statistics in a config beside it
+        model.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return {
         "rankings": len(train),

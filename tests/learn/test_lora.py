@@ -68,6 +68,11 @@ def test_each_learner_trains_an_adapter_over_the_sft_base_on_a_large_model(
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert tensors and all("lora_" in k for k in tensors)  # the base itself is not copied
 
+    rm = registry.get(record["rm"]["version"])
+    assert rm["info"]["base"] == "v1" and is_adapter(registry.local_path(rm["version"]))
+    rm_tensors = load_file(str(registry.local_path(rm["version"]) / "adapter_model.safetensors"))
+    assert all("lora_" in k or ".score." in k for k in rm_tensors)  # adapter + scalar head
+
 
 def test_the_next_round_continues_the_adapter_and_the_optimizer(
     redis_url, tmp_path, tiny_model, completions
@@ -80,6 +85,7 @@ def test_the_next_round_continues_the_adapter_and_the_optimizer(
     second = run_round("second", config, settings)
 
     assert second["start"] == first["candidate"]
+    assert second["rm"]["warm_start"] is True  # the reward model's adapter went on too
     meta = registry.get(second["candidate"])
     assert meta["info"]["continued"] is True and meta["info"]["base"] == "v1"
     base = weights(load_causal_lm(tiny_model))
@@ -128,3 +134,31 @@ def test_an_adapter_version_serves_swaps_without_a_reload_and_rolls_back_exactly
     assert not is_adapter(out) and (out / "config.json").is_file()
     for name, tensor in merged.state_dict().items():
         assert torch.allclose(exported.state_dict()[name], tensor), name
+
+
+def test_a_lora_reward_model_loads_merged_and_scores_as_it_was_trained(
+    tiny_model, completions, tmp_path
+) -> None:
+    from learn.modeling import LoraOptions
+    from learn.reward import RewardConfig, load_reward_model, score, train_reward_model
+    from tests.learn.loop_helpers import shorter_first
+
+    events = [
+        {"messages": c.messages, "candidates": c.candidates, "ranking": shorter_first(c.candidates)}
+        for c in completions
+    ]
+    config = RewardConfig(rankings_per_batch=4, warmup_steps=1, learning_rate=1e-2)
+    metrics = train_reward_model(
+        events[:8], tiny_model, tmp_path / "rm", config, events[8:], LoraOptions(rank=4), tiny_model
+    )
+    assert is_adapter(tmp_path / "rm") and metrics["warm_start"] is False
+    rm = load_reward_model(tmp_path / "rm")
+    assert rm.config.reward_mean == pytest.approx(metrics["reward_mean"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    pairs = [(e["messages"], answer) for e in events[:8] for answer in e["candidates"]]
+    rewards = score(rm, tokenizer, [m for m, _ in pairs], [a for _, a in pairs], normalize=False)
+    # the merged model gives the training answers the rewards the trained adapter gave them
+    assert rewards.mean().item() == pytest.approx(metrics["reward_mean"], abs=1e-4)
+    assert rewards.std().item() == pytest.approx(metrics["reward_std"], rel=1e-3)
