@@ -164,6 +164,13 @@ class Engine(ABC):
             finally:
                 self._admitted.leave()
 
+    async def drain(self) -> None:
+        """Wait (up to ``drain_seconds``) until every admitted request has finished."""
+        try:
+            await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
+        except TimeoutError:
+            log.warning("going ahead with %d slow readers still open", self._admitted.active)
+
     async def swap(self, model_dir: str | Path, version: str) -> None:
         """Serve ``model_dir`` as ``version`` from now on; in-flight requests finish first.
 
@@ -175,10 +182,7 @@ class Engine(ABC):
         async with self._swap_lock:
             self._open.clear()
             try:
-                try:
-                    await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
-                except TimeoutError:
-                    log.warning("swapping with %d slow readers still open", self._admitted.active)
+                await self.drain()
                 await self._reload(str(model_dir))
                 self.model_dir, self.version = str(model_dir), version
             finally:
