@@ -32,10 +32,10 @@ def test_candidate_score_is_the_share_of_pairs_won_with_ties_half() -> None:
 
 
 def test_bradley_terry_of_two_versions_is_the_log_odds_of_their_record() -> None:
-    w, l, t, prior = 30.0, 10.0, 6.0, 0.5
-    wins = arena.win_matrices([[("a", "b", w, l, t)]], ["a", "b"]).sum(axis=0)
+    won, lost, tied, prior = 30.0, 10.0, 6.0, 0.5
+    wins = arena.win_matrices([[("a", "b", won, lost, tied)]], ["a", "b"]).sum(axis=0)
     theta = arena.bradley_terry(wins, anchor=1, prior=prior)
-    expected = math.log((w + t / 2 + prior) / (l + t / 2 + prior))
+    expected = math.log((won + tied / 2 + prior) / (lost + tied / 2 + prior))
     assert theta[1] == 0.0
     assert theta[0] == pytest.approx(expected, abs=1e-8)
 
