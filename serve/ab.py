@@ -188,7 +188,7 @@ def leaderboard(registry: Registry, settings: Settings, resamples: int = 500) ->
     candidate = registry.alias("candidate")
     names = sorted({v for pairs in rankings for p in pairs for v in p[:2]} | {live} - {None})
     rows: list[dict[str, Any]] = []
-    if names:
+    if rankings:
         anchor = names.index(live) if live in names else 0
         per_ranking = arena.win_matrices(rankings, names)
         strength = arena.bradley_terry(per_ranking.sum(axis=0), anchor)

@@ -19,6 +19,7 @@ LEARN_MAY_USE = {
     "serve.registry",
     "serve.settings",
     "serve.loop_trigger",
+    "serve.arena",  # the A/B statistics (pure numpy): `bench ab` simulates the service's rule
 }
 
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+import serve.arena as arena
 from learn.bench.common import figure, percentile, save_figure, write_result
-from serve import arena
 from serve.settings import Settings
 
 NAME = "bench-ab"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from serve.ab import DECISIONS, RANKINGS, Referee, eligible_candidate, leaderboard, mixed_record
+from serve.cli import main as loopchat
 from serve.feedback import FeedbackService
 from serve.protocol import ErrorResponse, FeedbackRequest
 from serve.registry import Registry
@@ -154,3 +155,25 @@ def test_referee_only_reports_while_auto_promote_is_off(
     assert registry.alias("live") == "v1"
     _, _, verdict = Referee(registry, manual).verdict()
     assert verdict.action == "promote"  # what the operator sees on the leaderboard
+
+
+def test_cli_prints_the_leaderboard_and_its_json(
+    registry: Registry,
+    settings: Settings,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in {"REDIS_URL": redis_url, "DATA_DIR": str(settings.data_dir)}.items():
+        monkeypatch.setenv(f"LOOPCHAT_{name}", value)
+    for _ in range(12):
+        record(registry, [[0], [1]], ["v2", "v1"])
+    assert loopchat(["leaderboard"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("12 mixed rankings") and "live (v1)" in lines[0]
+    assert lines[2].split()[0] == "v2" and lines[3].split()[:2] == ["v1", "+0.000"]
+    assert "1.000 [" in lines[2] and "over 12 rankings" in lines[2]
+    assert lines[4].startswith("test v2 vs v1:")
+    assert loopchat(["leaderboard", "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert [row["version"] for row in board["versions"]] == ["v2", "v1"]
