@@ -90,7 +90,9 @@ async def lifespan(app: FastAPI, default_model: ModelSource | None) -> AsyncIter
         referee = RefereeTask(Referee(registry, settings))
         stack.push_async_callback(referee.aclose)
         app.state.feedback = FeedbackService(
-            app.state.redis, settings, on_mixed_ranking=referee.poke
+            app.state.redis,
+            settings,
+            on_mixed_ranking=referee.poke if settings.auto_promote else None,
         )
         await stack.enter_async_context(
             following_live(registry, engine, app.state.redis, candidate=candidate)
