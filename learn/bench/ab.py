@@ -94,17 +94,22 @@ def naive_promotes(scores: list[float], min_rankings: int) -> bool:
 
 
 def run_kind(
-    name: str, gap: float, runs: int, args: argparse.Namespace, rng: np.random.Generator
+    name: str,
+    gap: float,
+    runs: int,
+    min_rankings: int,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
 ) -> dict[str, Any]:
     """``runs`` simulated A/B tests of one kind of candidate."""
     started = time.time()
     verdicts, naive, traces = [], 0, []
     for run in range(runs):
         scores = simulate_scores(gap, args.max_rankings, args.k, args.tie_margin, rng)
-        verdict = arena.decide(scores, args.alpha, args.min_rankings, args.max_rankings)
+        verdict = arena.decide(scores, args.alpha, min_rankings, args.max_rankings)
         seen = scores[: verdict.decided_at or len(scores)]
         verdicts.append(verdict)
-        naive += naive_promotes(scores, args.min_rankings)
+        naive += naive_promotes(scores, min_rankings)
         if run < 5:
             bounds = arena.confidence_sequence(seen, args.alpha)
             traces.append(
@@ -115,6 +120,7 @@ def run_kind(
     inconclusive = sum("inconclusive" in v.reason for v in verdicts)
     return {
         "kind": name,
+        "min_rankings": min_rankings,
         "quality_gap": gap,
         "pair_win_probability": NormalDist().cdf(gap / math.sqrt(2)),
         "runs": runs,
@@ -153,10 +159,15 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
 
 def plot(result: dict[str, Any], out: str) -> None:
     fig, axes = figure(1, 3, width=15, height=4)
-    colours = {"A/A": "grey", "better (60/40)": "tab:green", "worse (40/60)": "tab:red"}
+    colours = {
+        "A/A": "grey",
+        "better (60/40)": "tab:green",
+        "worse (40/60)": "tab:red",
+        "better (60/40), no minimum": "tab:olive",
+    }
     ax = axes[0][0]
-    for kind in result["kinds"]:
-        for i, trace in enumerate(kind["traces"]):
+    for kind in result["kinds"][:3]:
+        for i, trace in enumerate(kind["traces"][:3]):
             t = np.arange(1, len(trace["low"]) + 1)
             label = kind["kind"] if i == 0 else None
             ax.fill_between(t, trace["low"], trace["high"], alpha=0.15, color=colours[kind["kind"]])
@@ -164,7 +175,7 @@ def plot(result: dict[str, Any], out: str) -> None:
     ax.axhline(0.5, color="black", lw=0.8)
     ax.axvline(result["settings"]["min_rankings"], color="black", ls=":", lw=0.8)
     ax.set(xlabel="mixed rankings", ylabel="candidate win rate", ylim=(0, 1), xscale="log")
-    ax.set_title("95% confidence sequences (5 runs each)", fontsize=10)
+    ax.set_title("95% confidence sequences (3 runs each)", fontsize=10)
     ax.legend(fontsize=8)
     ax = axes[0][1]
     for kind in result["kinds"][1:]:
@@ -194,12 +205,13 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     gap = math.sqrt(2) * NormalDist().inv_cdf(0.6)
     kinds = []
-    for name, g, runs in (
-        ("A/A", 0.0, args.aa_runs),
-        ("better (60/40)", gap, args.runs),
-        ("worse (40/60)", -gap, args.runs),
+    for name, g, runs, least in (
+        ("A/A", 0.0, args.aa_runs, args.min_rankings),
+        ("better (60/40)", gap, args.runs, args.min_rankings),
+        ("worse (40/60)", -gap, args.runs, args.min_rankings),
+        ("better (60/40), no minimum", gap, args.runs, 1),  # what the minimum costs
     ):
-        kinds.append(run_kind(name, g, runs, args, rng))
+        kinds.append(run_kind(name, g, runs, least, args, rng))
         print(
             f"{name}: promoted {kinds[-1]['promoted']}/{runs}, retired {kinds[-1]['retired']}, "
             f"to promotion {kinds[-1]['rankings_to_promotion']}, "
