@@ -100,12 +100,7 @@ class Referee:
     """The candidate's win-rate test against live, and what auto-promote does with it."""
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
-        self.registry = registry
-        self.settings = settings
-
-    @property
-    def client(self) -> redis.Redis:
-        return self.registry.client
+        self.registry, self.settings = registry, settings
 
     def verdict(
         self, rankings: Sequence[Sequence[arena.PairCounts]] | None = None
@@ -116,7 +111,7 @@ class Referee:
         if candidate is None or live is None:
             return None
         if rankings is None:
-            rankings = read_rankings(self.client)
+            rankings = read_rankings(self.registry.client)
         s = self.settings
         scores = scores_against(rankings, candidate, live)
         return (
@@ -150,7 +145,7 @@ class Referee:
         leaves the test running."""
         if not self.settings.auto_promote:
             return None
-        rankings = read_rankings(self.client)
+        rankings = read_rankings(self.registry.client)
         found = self.verdict(rankings)
         if found is None or found[2].action == "wait":
             return None
@@ -172,7 +167,7 @@ class Referee:
         elif not self.registry.clear_candidate(candidate):
             return None  # another candidate took its place meanwhile
         record["summary"] = summary
-        self.client.rpush(DECISIONS, json.dumps(record))
+        self.registry.client.rpush(DECISIONS, json.dumps(record))
         log.info("A/B %s %s: %s", verdict.action, candidate, summary)
         return record
 

@@ -160,12 +160,11 @@ def test_referee_only_reports_while_auto_promote_is_off(
 def test_cli_prints_the_leaderboard_and_its_json(
     registry: Registry,
     settings: Settings,
-    redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name, value in {"REDIS_URL": redis_url, "DATA_DIR": str(settings.data_dir)}.items():
-        monkeypatch.setenv(f"LOOPCHAT_{name}", value)
+    monkeypatch.setenv("LOOPCHAT_REDIS_URL", str(settings.redis_url))  # the CLI reads the env
+    monkeypatch.setenv("LOOPCHAT_DATA_DIR", str(settings.data_dir))
     for _ in range(12):
         record(registry, [[0], [1]], ["v2", "v1"])
     assert loopchat(["leaderboard"]) == 0
