@@ -84,7 +84,7 @@ def pair_totals(
     return totals
 
 
-def _trace(bounds: arena.Sequence95) -> dict[str, list]:
+def _trace(bounds: arena.ConfidenceSequence) -> dict[str, list]:
     """The confidence sequence at no more than :data:`TRACE_POINTS` ranking counts."""
     n = len(bounds.low)
     at = np.unique(np.linspace(1, n, min(n, TRACE_POINTS)).round().astype(int)) if n else []
@@ -172,54 +172,65 @@ class Referee:
         return record
 
 
+def strength_rows(
+    rankings: Sequence[Sequence[arena.PairCounts]],
+    live: str | None,
+    alpha: float,
+    resamples: int = 500,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One leaderboard row per version, strongest first, and the version strengths are
+    relative to: live, or the most compared version while live has no pairs."""
+    names = sorted({v for pairs in rankings for p in pairs for v in p[:2]} | ({live} - {None}))
+    if not rankings:
+        return [], live
+    per_ranking = arena.win_matrices(rankings, names)
+    games = (per_ranking + np.swapaxes(per_ranking, 1, 2)).sum(axis=(0, 2))
+    anchor = names.index(live) if live in names and games[names.index(live)] else games.argmax()
+    strength = arena.bradley_terry(per_ranking.sum(axis=0), anchor)
+    patterns, counts = np.unique(per_ranking.reshape(len(rankings), -1), axis=0, return_counts=True)
+    low, high = arena.bootstrap_intervals(
+        patterns.reshape(-1, len(names), len(names)), anchor, resamples, counts=counts
+    )
+    rows = []
+    for k, version in enumerate(names):
+        finite = bool(np.isfinite(strength[k])) and games[k] > 0
+        rows.append(
+            {
+                "version": version,
+                "strength": float(strength[k]) if finite else None,
+                "interval": [float(low[k]), float(high[k])] if finite else None,
+                "comparisons": int(round(games[k])),
+                "win_rate_vs_live": _win_rate(rankings, version, live, alpha),
+            }
+        )
+    rows.sort(key=lambda r: np.inf if r["strength"] is None else -r["strength"])
+    return rows, names[anchor]
+
+
 def leaderboard(registry: Registry, settings: Settings, resamples: int = 500) -> dict[str, Any]:
-    """Bradley–Terry strengths (log-odds against live, so live is 0 and ``σ(strength)`` is the
+    """Bradley–Terry strengths (log-odds against the ``anchor``, live: ``σ(strength)`` is the
     modelled win rate against it) of every version compared in mixed slates, with 95%
     cluster-bootstrap intervals; each version's direct win rate against live with its
     always-valid 95% interval; the candidate's running test; the recent decisions."""
     client = registry.client
     rankings = read_rankings(client)
     live = registry.alias("live")
-    candidate = registry.alias("candidate")
-    names = sorted({v for pairs in rankings for p in pairs for v in p[:2]} | {live} - {None})
-    rows: list[dict[str, Any]] = []
-    if rankings:
-        anchor = names.index(live) if live in names else 0
-        per_ranking = arena.win_matrices(rankings, names)
-        strength = arena.bradley_terry(per_ranking.sum(axis=0), anchor)
-        patterns, counts = np.unique(
-            per_ranking.reshape(len(rankings), -1), axis=0, return_counts=True
-        )
-        low, high = arena.bootstrap_intervals(
-            patterns.reshape(-1, len(names), len(names)), anchor, resamples, counts=counts
-        )
-        games = (per_ranking + np.swapaxes(per_ranking, 1, 2)).sum(axis=(0, 2))
-        for k, version in enumerate(names):
-            finite = bool(np.isfinite(strength[k])) and games[k] > 0
-            rows.append(
-                {
-                    "version": version,
-                    "strength": float(strength[k]) if finite else None,
-                    "interval": [float(low[k]), float(high[k])] if finite else None,
-                    "comparisons": int(round(games[k])),
-                    "win_rate_vs_live": _win_rate(rankings, version, live, settings.ab_alpha),
-                }
-            )
-        rows.sort(key=lambda r: -np.inf if r["strength"] is None else -r["strength"])
-    found = Referee(registry, settings).verdict(rankings)
+    rows, anchor = strength_rows(rankings, live, settings.ab_alpha, resamples)
+    referee = Referee(registry, settings)
+    found = referee.verdict(rankings)
     test = None
     if found is not None:
-        cand, against, verdict = found
-        scores = scores_against(rankings, cand, against)
+        candidate, against, verdict = found
+        scores = scores_against(rankings, candidate, against)
         test = {
-            **Referee(registry, settings).evidence(cand, against, verdict, rankings),
+            **referee.evidence(candidate, against, verdict, rankings),
             "auto_promote": settings.auto_promote,
             "trace": _trace(arena.confidence_sequence(scores, settings.ab_alpha)),
         }
     return {
         "live": live,
-        "candidate": candidate,
-        "anchor": live,
+        "candidate": registry.alias("candidate"),
+        "anchor": anchor,
         "level": 0.95,
         "mixed_rankings": len(rankings),
         "versions": rows,

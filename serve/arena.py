@@ -148,7 +148,7 @@ def bootstrap_intervals(
 
 
 @dataclass(frozen=True)
-class Sequence95:
+class ConfidenceSequence:
     """A confidence sequence after each observation: ``low[t - 1]``, ``high[t - 1]`` hold the
     bounds after ``t`` observations (running intersection: ``low`` never falls, ``high`` never
     rises)."""
@@ -180,7 +180,7 @@ def hedged_log_capital(
 
 def confidence_sequence(
     scores: Sequence[float], alpha: float = 0.05, bet_cap: float = 0.5
-) -> Sequence95:
+) -> ConfidenceSequence:
     """Always-valid ``1 − alpha`` bounds on the mean of scores in [0, 1] (Waudby-Smith & Ramdas,
     hedged capital with predictable plug-in bets).
 
@@ -196,7 +196,7 @@ def confidence_sequence(
     x = np.clip(np.asarray(scores, dtype=float), 0.0, 1.0)
     n = len(x)
     if n == 0:
-        return Sequence95(np.zeros(0), np.zeros(0), np.zeros(0))
+        return ConfidenceSequence(np.zeros(0), np.zeros(0), np.zeros(0))
     log_capital = hedged_log_capital(x, GRID, alpha, bet_cap)
     rejected = np.maximum.accumulate(log_capital >= math.log(1 / alpha), axis=0)
     kept = ~rejected
@@ -208,7 +208,7 @@ def confidence_sequence(
     held = np.maximum.accumulate(np.where(kept.any(axis=1), np.arange(n), -1))
     low = np.where(held >= 0, low[np.maximum(held, 0)], 0.0)
     high = np.where(held >= 0, high[np.maximum(held, 0)], 1.0)
-    return Sequence95(low, high, np.cumsum(x) / np.arange(1, n + 1))
+    return ConfidenceSequence(low, high, np.cumsum(x) / np.arange(1, n + 1))
 
 
 Action = Literal["promote", "retire", "wait"]

@@ -176,3 +176,18 @@ def test_cli_prints_the_leaderboard_and_its_json(
     assert loopchat(["leaderboard", "--json"]) == 0
     board = json.loads(capsys.readouterr().out)
     assert [row["version"] for row in board["versions"]] == ["v2", "v1"]
+
+
+def test_strengths_stay_relative_to_a_compared_version_when_live_has_no_pairs(
+    registry: Registry, settings: Settings, tiny_model: Path, tmp_path: Path
+) -> None:
+    for _ in range(10):
+        record(registry, [[0], [1]], ["v2", "v1"])
+    v3 = registry.register(variant(tiny_model, 3, tmp_path / "v3"), "rloo", "v1", {})
+    registry.promote(v3, by="test", reason="an operator's choice, never compared")
+    board = leaderboard(registry, settings, resamples=50)
+    assert board["live"] == "v3" and board["anchor"] in {"v1", "v2"}
+    assert [row["version"] for row in board["versions"]] == ["v2", "v1", "v3"]
+    last = board["versions"][-1]
+    assert last["strength"] is None and last["comparisons"] == 0
+    assert board["versions"][0]["win_rate_vs_live"] is None  # never met live
