@@ -143,7 +143,9 @@ def bootstrap_intervals(
     weights = rng.poisson(rate, size=(resamples, len(per_ranking)))
     replicates = bradley_terry(np.einsum("br,rij->bij", weights, per_ranking), anchor)
     tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
+    low, high = np.full(replicates.shape[-1], np.nan), np.full(replicates.shape[-1], np.nan)
+    linked = np.isfinite(replicates).any(axis=0)  # versions never linked to the anchor: NaN
+    low[linked], high[linked] = np.nanpercentile(replicates[:, linked], [tail, 100 - tail], axis=0)
     return low, high
 
 
