@@ -1,4 +1,4 @@
-"""Online A/B end to end through HTTP: a real ``loopchat up --engine hf`` on a real Redis.
+"""Online A/B end to end through HTTP: a real ``loopchat up`` on a real Redis.
 
 ``v1`` (the tiny model) is live; ``v2`` (the tiny model with another seed) is registered as a
 candidate whose gate passed, as a learning round leaves it. The server loads it into its
@@ -55,10 +55,13 @@ def mixed_slate(server: Server, timeout: float = 60) -> dict:
     raise AssertionError(f"no mixed slate within {timeout}s:\n{server.log.read_text()[-3000:]}")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_candidate_answers_in_slates_make_it_live_by_win_rate(
-    tiny_model: Path, redis_url: str, tmp_path: Path
+    engine: str, tiny_model: Path, redis_url: str, tmp_path: Path
 ) -> None:
+    """With ``vllm`` live answers come from vLLM and the candidate's from the transformers
+    engine beside it (the default deployment); with ``hf`` both are transformers."""
     data_dir = tmp_path / "data"
     env = {
         "LOOPCHAT_ADMIN_TOKEN": TOKEN,
@@ -67,7 +70,7 @@ def test_candidate_answers_in_slates_make_it_live_by_win_rate(
         "LOOPCHAT_AB_MIN_RANKINGS": str(MIN_RANKINGS),
         "LOOPCHAT_FEEDBACK_RATE": "100000",
     }
-    server = start_server(tiny_model, data_dir, redis_url, "hf", env=env)
+    server = start_server(tiny_model, data_dir, redis_url, engine, env=env, timeout=600)
     try:
         registry = Registry.from_settings(
             Settings(data_dir=data_dir, redis_url=redis_url), sync_client(redis_url)
