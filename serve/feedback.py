@@ -5,8 +5,9 @@
 stored completion, never from the client, so a ranking cannot be forged into training data. A
 ranking costs two round trips to Redis, each one Lua script (shared with concurrent requests'
 scripts in one pipeline, ``serve.store.PipelinedScripts``): the first logs the post in the rate
-limit and reads the completion; the second checks for a duplicate, appends the event and counts
-it for the loop trigger, atomically: two racing posts of the same (completion, user) store
+limit and reads the completion; the second checks for a duplicate, appends the event, counts
+it for the loop trigger and, for a mixed slate of online A/B, records its cross-version pairs
+(``serve.ab``), atomically: two racing posts of the same (completion, user) store
 exactly one event, and the event is in Redis before the 201 goes out. The learner's side of the
 stream is ``serve.events.FeedbackLog``.
 """
