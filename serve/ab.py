@@ -37,6 +37,7 @@ from serve.store import key
 
 RANKINGS = key("ab", "rankings")  # JSON {"id", "time", "pairs": [[a, b, wins a, wins b, ties]]}
 DECISIONS = key("ab", "decisions")  # JSON decision records, oldest first
+LOCK = key("ab", "lock")  # held by the referee deciding now
 KEEP_RANKINGS = 100_000  # newest mixed rankings kept (the feedback stream keeps every one)
 TRACE_POINTS = 200  # most points of the confidence sequence the leaderboard returns
 
@@ -145,6 +146,17 @@ class Referee:
         leaves the test running."""
         if not self.settings.auto_promote:
             return None
+        # One referee at a time across replicas (no double promotion or decision record); one
+        # that finds the lock taken skips, and the next mixed ranking's check catches up.
+        lock = self.registry.client.lock(LOCK, timeout=60, blocking_timeout=0)
+        if not lock.acquire():
+            return None
+        try:
+            return self._decide()
+        finally:
+            lock.release()
+
+    def _decide(self) -> dict[str, Any] | None:
         rankings = read_rankings(self.registry.client)
         found = self.verdict(rankings)
         if found is None or found[2].action == "wait":

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from serve.ab import DECISIONS, RANKINGS, Referee, eligible_candidate, leaderboard, mixed_record
+from serve.ab import (
+    DECISIONS,
+    LOCK,
+    RANKINGS,
+    Referee,
+    eligible_candidate,
+    leaderboard,
+    mixed_record,
+)
 from serve.cli import main as loopchat
 from serve.feedback import FeedbackService
 from serve.protocol import ErrorResponse, FeedbackRequest
@@ -123,6 +131,8 @@ def test_referee_promotes_a_preferred_candidate_and_history_keeps_the_evidence(
     assert referee.step() is None  # fewer than ab_min_rankings
     for _ in range(30):
         record(registry, [[0], [1]], ["v2", "v1"])
+    with registry.client.lock(LOCK, timeout=10):  # another replica's referee is deciding
+        assert referee.step() is None and registry.alias("live") == "v1"
     decision = referee.step()
     assert decision is not None and decision["action"] == "promote"
     assert decision["decided_at"] >= 10 and decision["interval"][0] >= 0.5
