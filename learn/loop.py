@@ -56,7 +56,8 @@ ops page:
      "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
      "policy": {...the learner's metrics (learn.ppo / rloo / dpo / bon)},
      "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
-     "candidate": "vN", "promoted": bool,
+     "candidate": "vN", "promoted": bool,   # promoted on the gate alone only with A/B off
+     "ab_under_test": "vM" | null,   # the candidate kept in mixed slates (vN did not replace it)
      "timings": {"read", "reward", "learn", "register", "gate", "total"}}   # seconds
 
   A round that raised: ``{"round", "status": "failed", "started_at", "finished_at",
@@ -575,7 +576,12 @@ def _round(
                 **({"base": reference} if data.lora else {}),
             },
         )
-        registry.set_candidate(candidate)
+        # A candidate in online A/B keeps its place until its win-rate test decides: a test
+        # needs more rankings than a round brings, so replacing it every round would never let
+        # one finish. This round's version is still gated, and the learner continues from it.
+        under_test = registry.gated_candidate() if settings.ab_share > 0 else None
+        if under_test is None:
+            registry.set_candidate(candidate)
         timings["register"] = time.time() - t
 
     # 4. Gate: on the held-out rankings, which neither the reward model nor the policy saw.
@@ -587,9 +593,11 @@ def _round(
     registry.record_gate(candidate, gate)
     timings["gate"] = time.time() - t
 
-    # 5. Promote a passing candidate if the operator allowed it; otherwise it waits.
+    # 5. Promote a passing candidate if the operator allowed it; otherwise it waits. With
+    # online A/B on, a passing candidate goes to mixed slates instead and the users' win rate
+    # decides (serve.ab.Referee).
     lock.ensure_held()
-    promoted = bool(settings.auto_promote and gate["passed"])
+    promoted = bool(settings.auto_promote and gate["passed"] and settings.ab_share == 0)
     if promoted:
         registry.promote(candidate, by="loop", reason=f"round {round_id}: gate passed")
 
@@ -614,6 +622,7 @@ def _round(
         "gate": gate,
         "candidate": candidate,
         "promoted": promoted,
+        "ab_under_test": under_test,
         "continue_from": {
             "learner": config.learner,
             "version": candidate,

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from serve.ab import leaderboard
 from serve.events import ROUND_LOCK, ROUNDS, SINCE_ROUND, UNUSABLE, FeedbackLog
 from serve.registry import Registry
 from serve.settings import Settings
@@ -90,6 +91,11 @@ class AdminService:
     def history(self) -> list[dict]:
         """Every change of the live version, oldest first."""
         return self.registry.history()
+
+    def leaderboard(self) -> dict[str, Any]:
+        """Versions by Bradley–Terry strength from mixed slates, the candidate's win-rate test
+        and the recent A/B decisions (the ``GET /admin/leaderboard`` body, ``serve.ab``)."""
+        return json_safe(leaderboard(self.registry, self.settings))
 
     def _last_done_round(self, page: int = 50) -> dict | None:
         """The newest completed round record, read back from the end a page at a time."""

@@ -4,8 +4,8 @@
 Redis (embedded when no URL is configured), makes sure the registry has a live version (the first
 start registers the configured or default model), starts the engine on it and exposes on
 ``app.state``: ``settings``, ``redis`` (async client), ``redis_url``, ``registry``, ``engine``,
-``chat``, ``feedback``. Things that start with the app are entered into one exit stack, so they
-stop in reverse order.
+``candidate`` (the online A/B candidate's engine holder), ``chat``, ``feedback``. Things that
+start with the app are entered into one exit stack, so they stop in reverse order.
 
 This module imports nothing above ``serve``: the pages (``ui``) and the built-in model
 (``learn``) are handed in by the composition root, ``loopchat up`` (``serve.cli.up.build_app``).
@@ -23,11 +23,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from serve.ab import Referee, RefereeTask
 from serve.engine import make_engine
 from serve.errors import install_error_handlers
 from serve.feedback import FeedbackService
 from serve.guards import BodySizeLimit
-from serve.hotswap import following_live
+from serve.hotswap import CandidateFollower, following_live
 from serve.registry import Registry
 from serve.routes import admin, feedback, health, openai
 from serve.serving import ChatService
@@ -75,11 +76,28 @@ async def lifespan(app: FastAPI, default_model: ModelSource | None) -> AsyncIter
         await engine.start()
         stack.push_async_callback(engine.shutdown)
         app.state.engine = engine
-        app.state.chat = ChatService(
-            engine, CompletionStore(app.state.redis, settings.completion_ttl), settings
+        # Online A/B: a second (transformers) engine on the gate-passed candidate, if any.
+        candidate = CandidateFollower(
+            registry, settings, lambda d, v, b: make_engine("hf", d, v, settings, b)
         )
-        app.state.feedback = FeedbackService(app.state.redis, settings)
-        await stack.enter_async_context(following_live(registry, engine, app.state.redis))
+        stack.push_async_callback(candidate.aclose)
+        app.state.candidate = candidate
+        app.state.chat = ChatService(
+            engine,
+            CompletionStore(app.state.redis, settings.completion_ttl),
+            settings,
+            candidate=lambda: candidate.engine,
+        )
+        referee = RefereeTask(Referee(registry, settings))
+        stack.push_async_callback(referee.aclose)
+        app.state.feedback = FeedbackService(
+            app.state.redis,
+            settings,
+            on_mixed_ranking=referee.poke if settings.auto_promote else None,
+        )
+        await stack.enter_async_context(
+            following_live(registry, engine, app.state.redis, candidate=candidate)
+        )
         app.state.started_at = time.time()
         log.info("serving %s (%s engine) from %s", version, engine.name, local_dir)
         yield

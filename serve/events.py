@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import redis
 
@@ -32,7 +32,8 @@ class FeedbackEvent(TypedDict):
     all_bad: bool
     user: str | None
     comment: str | None
-    version: str  # the checkpoint that produced the candidates
+    version: str  # live's checkpoint when the candidates were produced (system_fingerprint)
+    versions: NotRequired[list[str]]  # per candidate (two in an A/B mixed slate); older: none
     time: float  # unix time of the ranking
 
 

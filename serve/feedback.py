@@ -5,8 +5,9 @@
 stored completion, never from the client, so a ranking cannot be forged into training data. A
 ranking costs two round trips to Redis, each one Lua script (shared with concurrent requests'
 scripts in one pipeline, ``serve.store.PipelinedScripts``): the first logs the post in the rate
-limit and reads the completion; the second checks for a duplicate, appends the event and counts
-it for the loop trigger, atomically: two racing posts of the same (completion, user) store
+limit and reads the completion; the second checks for a duplicate, appends the event, counts
+it for the loop trigger and, for a mixed slate of online A/B, records its cross-version pairs
+(``serve.ab``), atomically: two racing posts of the same (completion, user) store
 exactly one event, and the event is in Redis before the 201 goes out. The learner's side of the
 stream is ``serve.events.FeedbackLog``.
 """
@@ -16,10 +17,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import orjson
 import redis.asyncio as aioredis
 
+from serve.ab import KEEP_RANKINGS, mixed_record
+from serve.ab import RANKINGS as AB_RANKINGS
 from serve.events import (
     SINCE_ROUND,
     STREAM,
@@ -47,9 +51,11 @@ redis.call('EXPIRE', KEYS[1], 60)
 return {posts, redis.call('GET', KEYS[2])}
 """
 
-# Refuse a second ranking of (completion, user), or append the event and count it for the loop
-# trigger, atomically: all or nothing. KEYS: dedupe, stream, loop counter; ARGV: event JSON,
-# event id, dedupe TTL, round_every. Answers {1, entry id, 1 if this ranking claimed a round}
+# Refuse a second ranking of (completion, user), or append the event, count it for the loop
+# trigger and (a mixed slate of online A/B: ARGV[5] not empty) append its cross-version pairs
+# to the A/B list, keeping its newest ARGV[6], atomically: all or nothing. KEYS: dedupe,
+# stream, loop counter, A/B list; ARGV: event JSON, event id, dedupe TTL, round_every, pairs
+# record or "", A/B list length kept. Answers {1, entry id, 1 if this ranking claimed a round}
 # or {0, the earlier event id, 0}. The XADD comes first so that a failing XADD leaves no dedupe
 # key behind (the user may retry) and counts nothing. The same call run twice (redis-py resends
 # a command whose reply a dropped connection lost) finds its own event id and answers stored,
@@ -65,6 +71,10 @@ elseif previous then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if ARGV[5] and ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)
+end
 return {1, entry, claim_round(KEYS[3], tonumber(ARGV[4]))}
 """
 )
@@ -78,9 +88,17 @@ def _error(status: int, message: str, param: str, code: str) -> ErrorResponse:
 class FeedbackService:
     """The logic behind ``POST /v1/feedback`` (the route only parses and serialises)."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        on_mixed_ranking: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_mixed_ranking`` is called after storing a ranking of a mixed slate (the A/B
+        referee's cue)."""
         self.client = client
         self.settings = settings
+        self.on_mixed_ranking = on_mixed_ranking
         self._scripts = PipelinedScripts(client)
         self._admit_script = self._scripts.register(_ADMIT)
         self._store_once = self._scripts.register(STORE_ONCE_LUA)
@@ -144,6 +162,7 @@ class FeedbackService:
             return _error(422, problem, "ranking", "invalid_ranking")
 
         user = request.user if request.user is not None else completion.user
+        versions = completion.candidate_versions()
         event: FeedbackEvent = {
             "id": f"fb-{post_id}",
             "completion_id": completion.id,
@@ -154,17 +173,21 @@ class FeedbackService:
             "user": user,
             "comment": request.comment,
             "version": completion.version,
+            "versions": versions,
             "time": time.time(),
         }
         dedupe = key("ranked", completion.id, user or "")
+        mixed = mixed_record(event["id"], groups, versions) if len(set(versions)) > 1 else ""
         stored, value, claimed_round = await self._scripts.run(
             self._store_once,
-            [dedupe, STREAM, SINCE_ROUND],
+            [dedupe, STREAM, SINCE_ROUND, AB_RANKINGS],
             [
                 orjson.dumps(event),
                 event["id"],
                 self.settings.completion_ttl,
                 self.settings.round_every,
+                mixed,
+                KEEP_RANKINGS,
             ],
         )
         if not stored:
@@ -174,6 +197,8 @@ class FeedbackService:
                 "completion_id",
                 "already_ranked",
             )
+        if mixed and self.on_mixed_ranking is not None:
+            self.on_mixed_ranking()
         if claimed_round:
             try:
                 await self.trigger.send_claimed_round()

@@ -151,15 +151,19 @@ class AssistantMessage(BaseModel):
 
 
 class Choice(BaseModel):
+    """One answer; ``version`` (an extension field) is the checkpoint that wrote it — in a
+    mixed slate of online A/B not necessarily ``system_fingerprint``, which stays live's."""
+
     index: int
     message: AssistantMessage
     finish_reason: str | None
     logprobs: None = None
+    version: str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
     """The reply; ``id`` is the completion id feedback refers to, ``system_fingerprint`` the
-    checkpoint version that produced every choice."""
+    live checkpoint version (each choice's ``version`` says which one wrote it)."""
 
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -180,6 +184,7 @@ class ChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: str | None = None
     logprobs: None = None
+    version: str | None = None  # the checkpoint writing this choice (as on ``Choice``)
 
 
 class ChatCompletionChunk(BaseModel):

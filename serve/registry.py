@@ -38,12 +38,13 @@ Redis keys (prefix ``loopchat:registry:``):
 - ``seq:policy``, ``seq:reward`` — counters handing out version numbers.
 - ``versions`` — sorted set of visible versions, scored by creation time.
 - ``version:<v>`` — hash: ``meta`` (JSON written once at registration), ``gate`` (JSON, later).
-- ``alias:candidate`` — the candidate version (absent when none).
+- ``alias:candidate`` — the candidate version (absent when none, or once retired).
 - ``live_stack`` — list of live versions, newest first: index 0 is ``live``, index 1 ``previous``.
 - ``history`` — list of JSON events, oldest first: ``{"time", "action", "version", "from",
   "by", "reason"}`` with action ``promote`` | ``rollback`` | ``bootstrap``.
 - ``lock:bootstrap`` — lock so that processes starting together register one first version.
-- channel ``loopchat:registry:events`` — JSON ``{"alias", "version"}`` on every alias change.
+- channel ``loopchat:registry:events`` — JSON ``{"alias", "version"}`` on every alias change,
+  and ``{"alias": "candidate", …}`` again when the candidate's gate is recorded.
 """
 
 from __future__ import annotations
@@ -290,6 +291,8 @@ class Registry:
         if not isinstance(gate.get("passed"), bool):
             raise RegistryError("a gate result needs a boolean 'passed'")
         self.client.hset(_rkey("version", version), "gate", json.dumps(gate))
+        if self.alias("candidate") == version:  # a passed gate lets it into mixed slates
+            self._publish("candidate", version)
 
     def base_path(self, version: str) -> Path | None:
         """For an adapter version, a local directory of the base it adapts (else None)."""
@@ -354,6 +357,32 @@ class Registry:
 
         self.client.transaction(mark, vkey)
         self._publish("candidate", version)
+
+    def gated_candidate(self) -> str | None:
+        """The candidate if its gate passed and it is not live (what online A/B may show)."""
+        candidate = self.alias("candidate")
+        if candidate is None or candidate == self.alias("live"):
+            return None
+        gate = (self.get(candidate) or {}).get("gate") or {}
+        return candidate if gate.get("passed") is True else None
+
+    def clear_candidate(self, version: str) -> bool:
+        """Drop the ``candidate`` alias if it still names ``version`` (a retired candidate);
+        returns whether it did. Checked and done in one transaction, so a newer candidate set
+        meanwhile stays."""
+        cand = _rkey("alias", "candidate")
+
+        def drop(pipe: redis.client.Pipeline) -> bool:
+            if pipe.get(cand) != version:
+                return False
+            pipe.multi()
+            pipe.delete(cand)
+            return True
+
+        cleared = self.client.transaction(drop, cand, value_from_callable=True)
+        if cleared:
+            self._publish("candidate", None)
+        return cleared
 
     def promote(
         self, version: str, by: str, reason: str, force: bool = False, action: str = "promote"

@@ -8,16 +8,19 @@ answer, so a ranking that follows can always find it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 from jinja2 import TemplateError
 
 from serve import metrics
+from serve.arena import split_slate
 from serve.engine.base import Delta, Engine, EngineRequestError, SamplingOptions, Usage
 from serve.protocol import (
     AssistantMessage,
@@ -49,21 +52,25 @@ class _Job:
     prompt_ids: list[int]
     options: SamplingOptions
     version: str
+    candidate_slots: frozenset[int] = frozenset()  # answers the A/B candidate writes
     texts: list[str] = field(init=False)
     finish: list[str | None] = field(init=False)
+    versions: list[str] = field(init=False)
     usage: Usage = field(init=False)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
     def __post_init__(self) -> None:
         n = self.options.n
-        self.texts, self.finish = [""] * n, [None] * n
+        self.texts, self.finish, self.versions = [""] * n, [None] * n, [self.version] * n
         self.usage = Usage(prompt_tokens=len(self.prompt_ids))
 
     def add(self, delta: Delta) -> None:
         self.texts[delta.index] += delta.text
         self.usage.completion_tokens += delta.tokens
-        self.version = delta.version
+        self.versions[delta.index] = delta.version
+        if delta.index not in self.candidate_slots:
+            self.version = delta.version
         if delta.finish_reason is not None:
             self.finish[delta.index] = delta.finish_reason
         if self.first_token_at is None and delta.text:
@@ -77,6 +84,7 @@ class _Job:
             version=self.version,
             user=self.request.user,
             api_key=self.api_key,
+            versions=self.versions,
         )
 
 
@@ -84,13 +92,61 @@ def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-class ChatService:
-    """Serves chat completions from one engine and records every completion in the store."""
+async def merge_deltas(
+    parts: list[tuple[AsyncIterator[Delta], list[int]]],
+) -> AsyncGenerator[Delta, None]:
+    """Deltas of several engines' streams as they come, each renumbered to its answer's slot
+    (``slots[i]`` for a stream's candidate ``i``). A failing stream fails the merge; closing it
+    closes (and so aborts) every stream."""
+    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 
-    def __init__(self, engine: Engine, store: CompletionStore, settings: Settings) -> None:
+    async def pump(stream: AsyncIterator[Delta], slots: list[int]) -> None:
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    queue.put_nowait(replace(delta, index=slots[delta.index]))
+        except Exception as exc:
+            queue.put_nowait(exc)
+        else:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(stream, slots)) for stream, slots in parts]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ChatService:
+    """Serves chat completions from one engine and records every completion in the store.
+
+    With ``candidate`` (online A/B), a share ``ab_share`` of requests for several answers gets
+    a mixed slate: some answers from the candidate's engine, the rest from live's, in random
+    slots (``serve.arena.split_slate``), each answer tagged with its version.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: CompletionStore,
+        settings: Settings,
+        candidate: Callable[[], Engine | None] | None = None,
+    ) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
+        self.candidate = candidate
+        self._rng = np.random.default_rng()
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, api_key: str | None
@@ -100,13 +156,44 @@ class ChatService:
         if isinstance(job, ErrorResponse):
             metrics.REQUESTS.labels(outcome="error").inc()
             return job
-        deltas = self.engine.generate(job.id, job.prompt_ids, job.options)
+        deltas = self._deltas(job)
         if request.stream:
             return self._stream(job, deltas)
         try:
             return await self._complete(job, deltas)
         except EngineRequestError as exc:
             return ErrorResponse.make(400, str(exc), code="invalid_parameters")
+
+    def _deltas(self, job: _Job) -> AsyncIterator[Delta]:
+        """Live's answers, or (a ranked turn drawn for A/B) a mixed slate of live's and the
+        candidate's; the job learns which slots are the candidate's."""
+        candidate = self.candidate() if self.candidate is not None else None
+        n = job.options.n
+        if (
+            candidate is None
+            or n < 2
+            or candidate.version == self.engine.version
+            or self._rng.random() >= self.settings.ab_share
+        ):
+            return self.engine.generate(job.id, job.prompt_ids, job.options)
+        live_slots, candidate_slots = split_slate(n, self._rng)
+        job.candidate_slots = frozenset(candidate_slots)
+        seed = job.options.seed
+        live_options = replace(job.options, n=len(live_slots))
+        candidate_options = replace(
+            job.options,
+            n=len(candidate_slots),
+            seed=None if seed is None else seed + len(live_slots),  # no answer shares a seed
+        )
+        return merge_deltas(
+            [
+                (self.engine.generate(job.id, job.prompt_ids, live_options), live_slots),
+                (
+                    candidate.generate(f"{job.id}-ab", job.prompt_ids, candidate_options),
+                    candidate_slots,
+                ),
+            ]
+        )
 
     def _prepare(self, request: ChatCompletionRequest, api_key: str | None) -> _Job | ErrorResponse:
         if request.model != self.settings.model_name:
@@ -191,8 +278,15 @@ class ChatService:
             model=self.settings.model_name,
             system_fingerprint=job.version,
             choices=[
-                Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
-                for i, (text, reason) in enumerate(zip(job.texts, job.finish, strict=True))
+                Choice(
+                    index=i,
+                    message=AssistantMessage(content=text),
+                    finish_reason=reason,
+                    version=version,
+                )
+                for i, (text, reason, version) in enumerate(
+                    zip(job.texts, job.finish, job.versions, strict=True)
+                )
             ],
             usage=_usage(job.usage),
         )
@@ -219,11 +313,15 @@ class ChatService:
                     if delta.index not in announced:  # OpenAI's order: the role comes first
                         announced.add(delta.index)
                         role = DeltaMessage(role="assistant", content="")
-                        yield chunk([ChunkChoice(index=delta.index, delta=role)])
+                        first = ChunkChoice(index=delta.index, delta=role, version=delta.version)
+                        yield chunk([first])
                     if delta.text or delta.finish_reason:
                         content = DeltaMessage(content=delta.text)
                         choice = ChunkChoice(
-                            index=delta.index, delta=content, finish_reason=delta.finish_reason
+                            index=delta.index,
+                            delta=content,
+                            finish_reason=delta.finish_reason,
+                            version=delta.version,
                         )
                         yield chunk([choice])
         except EngineRequestError as exc:  # the status line is sent: report in the stream

@@ -76,7 +76,36 @@ class Settings(BaseSettings):
         default=64, ge=1, description="New rankings that start a learning round."
     )
     auto_promote: bool = Field(
-        default=False, description="Promote a candidate that passes the gate without an operator."
+        default=False,
+        description="Promote without an operator: a candidate whose win rate against live "
+        "clears 50% in mixed slates (`LOOPCHAT_AB_SHARE` > 0), else one that passes the gate.",
+    )
+    ab_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of ranked turns (requests with n >= 2) whose answers mix live and "
+        "the candidate, blind, while a candidate that passed the gate exists (its answers come "
+        "from a second, transformers engine). 0 turns online A/B off: then auto-promote "
+        "promotes on the gate alone.",
+    )
+    ab_min_rankings: int = Field(
+        default=100,
+        ge=1,
+        description="Mixed rankings before the win-rate test may promote or retire a candidate.",
+    )
+    ab_max_rankings: int = Field(
+        default=2000,
+        ge=1,
+        description="Mixed rankings after which a candidate with no measured difference from "
+        "live is retired (inconclusive).",
+    )
+    ab_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="Error level of the win-rate test's always-valid confidence sequence "
+        "(false promotions of a candidate no better than live stay below it).",
     )
     loop_config: str | None = Field(
         default=None,

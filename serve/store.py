@@ -170,10 +170,15 @@ class Completion:
     id: str
     messages: list[dict[str, str]]
     candidates: list[str]
-    version: str
+    version: str  # live's: the version the client was told (``system_fingerprint``)
     user: str | None = None
     api_key: str | None = None
     created_at: float = field(default_factory=time.time)
+    versions: list[str] | None = None  # per candidate (a mixed slate has two); None: all live's
+
+    def candidate_versions(self) -> list[str]:
+        """The version that wrote each candidate (completions stored before A/B have none)."""
+        return self.versions or [self.version] * len(self.candidates)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)

@@ -20,6 +20,7 @@ LEARN_MAY_USE = {
     "serve.adapters",  # what an adapter version is on disk: part of the registry's format
     "serve.settings",
     "serve.loop_trigger",
+    "serve.arena",  # the A/B statistics (pure numpy): `bench ab` simulates the service's rule
 }
 
 

@@ -48,6 +48,7 @@ def test_rankings_make_a_new_version_that_answers(
     env = {
         "LOOPCHAT_ROUND_EVERY": str(ROUND_EVERY),
         "LOOPCHAT_AUTO_PROMOTE": "1",
+        "LOOPCHAT_AB_SHARE": "0",  # promotion on the gate alone (tests/serve/test_ab_e2e.py: A/B)
         "LOOPCHAT_ADMIN_TOKEN": "e2e-admin",
         "LOOPCHAT_FEEDBACK_RATE": "100000",
         "LOOPCHAT_MAX_N": "3",

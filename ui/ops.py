@@ -1,4 +1,5 @@
-"""The operator page at ``/ops``: checkpoints, promote / rollback, and the learning loop's curves.
+"""The operator page at ``/ops``: checkpoints, promote / rollback, the learning loop's curves and
+the leaderboard of versions from blind A/B in the rankings.
 
 It reaches state only through :class:`serve.admin.AdminService` (what ``/admin/*`` calls), so
 the page and the API cannot disagree about what a promotion is. Nothing shows before the admin
@@ -73,6 +74,56 @@ def loop_figure(rounds: list[dict]) -> Figure:
     return fig
 
 
+def leaderboard_figure(board: dict[str, Any]) -> Figure:
+    """Bradley–Terry strengths with their 95% intervals, and the candidate's win rate against
+    live with its always-valid 95% band as the mixed rankings came in."""
+    fig = Figure(figsize=(10, 3))
+    strengths, test = fig.subplots(1, 2, squeeze=True)
+    rows = [r for r in board["versions"] if r["strength"] is not None]
+    for y, row in enumerate(reversed(rows)):
+        low, high = row["interval"]
+        strengths.errorbar(
+            row["strength"], y, xerr=[[row["strength"] - low], [high - row["strength"]]],
+            fmt="o", capsize=3, color="tab:green" if row["version"] == board["live"] else None,
+        )  # fmt: skip
+    strengths.set_yticks(range(len(rows)), [r["version"] for r in reversed(rows)])
+    strengths.axvline(0, color="grey", lw=0.8)
+    strengths.set_title(f"strength vs live ({board['live']}), log-odds, 95%", fontsize=10)
+    trace = (board.get("test") or {}).get("trace")
+    if trace and trace["rankings"]:
+        test.fill_between(trace["rankings"], trace["low"], trace["high"], alpha=0.3)
+        test.plot(trace["rankings"], trace["win_rate"], marker=".")
+        test.axvline(board["test"]["min_rankings"], color="grey", ls=":", lw=0.8)
+    test.axhline(0.5, color="black", lw=0.8)
+    test.set_ylim(0, 1)
+    test.set_xlabel("mixed rankings")
+    candidate = (board.get("test") or {}).get("candidate") or "no candidate in mixed slates"
+    test.set_title(f"win rate of {candidate} vs live", fontsize=10)
+    for ax in (strengths, test):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def leaderboard_summary(board: dict[str, Any]) -> str:
+    """The A/B test in one paragraph, and the last decision."""
+    test = board.get("test")
+    lines = [f"**Mixed rankings:** {board['mixed_rankings']}"]
+    if test:
+        rate = "—" if test["win_rate"] is None else f"{test['win_rate']:.3f}"
+        lines.append(
+            f"**A/B test:** {test['candidate']} vs {test['live']}: win rate {rate} "
+            f"(95% [{test['interval'][0]:.3f}, {test['interval'][1]:.3f}]) over "
+            f"{test['rankings']} mixed rankings → **{test['action']}** ({test['reason']})"
+        )
+    if board["decisions"]:
+        last = board["decisions"][-1]
+        lines.append(
+            f"**Last A/B decision:** {last['action']} {last['candidate']}: {last['summary']}"
+        )
+    return "\n\n".join(lines)
+
+
 def loop_summary(loop: dict[str, Any]) -> str:
     last = loop["rounds"][-1] if loop["rounds"] else None
     lines = [
@@ -123,12 +174,15 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         aliases = f"**live:** {state['live']} · **previous:** {state['previous'] or '—'} · " + (
             f"**candidate:** {state['candidate'] or '—'}"
         )
+        board = admin.leaderboard()
         return (
             aliases,
             versions_table(state),
             gr.update(choices=list(reversed(policies)), value=state["candidate"]),
             loop_summary(loop),
             loop_figure(loop["rounds"]),
+            leaderboard_summary(board),
+            leaderboard_figure(board),
             history_rows(admin.history()),
         )
 
@@ -201,13 +255,15 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
                 refresh_button = gr.Button("Refresh", elem_id="refresh")
             loop_text = gr.Markdown(elem_id="loop")
             plot = gr.Plot(label="Per round", elem_id="loop-plot")
+            ab_text = gr.Markdown(elem_id="ab")
+            ab_plot = gr.Plot(label="Leaderboard (blind A/B in the rankings)", elem_id="ab-plot")
             history = gr.Dataframe(
                 headers=["time", "action", "version", "from", "by", "reason"],
                 interactive=False,
                 label="Live history",
                 elem_id="history",
             )
-        shown = [aliases, table, version, loop_text, plot, history]
+        shown = [aliases, table, version, loop_text, plot, ab_text, ab_plot, history]
         entered = [token_state, login_box, panel, login_message, *shown]
         login_button.click(login, [token_box], entered)
         token_box.submit(login, [token_box], entered)

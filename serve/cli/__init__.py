@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("serve.cli.admin", "make VERSION live"),
     "rollback": ("serve.cli.admin", "make the previous version live again"),
     "models": ("serve.cli.models", "bring your own model: `models import FILE.gguf|HF_DIR`"),
+    "leaderboard": ("serve.cli.admin", "versions by strength in blind A/B, the candidate's test"),
     "feedback": ("serve.cli.feedback", "rankings: `feedback export`, `feedback stats`"),
     "simulate": ("serve.cli.simulate", "simulated users chatting and ranking via the HTTP API"),
     "bench": ("serve.cli.bench", "benchmarks: serve | ingest | loop | swap | ppo | model"),

@@ -1,4 +1,4 @@
-"""``loopchat checkpoints | promote VERSION | rollback``: the operator's commands.
+"""``loopchat checkpoints | promote VERSION | rollback | leaderboard``: the operator's commands.
 
 They work on the registry in Redis directly (settings from ``LOOPCHAT_*``), so they need no
 running server; every serving process follows the change through the registry's channel.
@@ -15,7 +15,7 @@ from serve.cli import CLIError
 
 
 def register(parser: argparse.ArgumentParser, command: str) -> None:
-    """Arguments of ``checkpoints``, ``promote`` and ``rollback``."""
+    """Arguments of ``checkpoints``, ``leaderboard``, ``promote`` and ``rollback``."""
     if command == "checkpoints":
         parser.add_argument(
             "action", nargs="?", choices=["list", "export"], default="list",
@@ -25,6 +25,10 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--out", help="export: the directory to write")
         parser.add_argument("--json", action="store_true", help="print the raw JSON")
         parser.set_defaults(func=_checkpoints)
+        return
+    if command == "leaderboard":
+        parser.add_argument("--json", action="store_true", help="print the raw JSON")
+        parser.set_defaults(func=_leaderboard)
         return
     if command == "promote":
         parser.add_argument("version", help="policy version to make live, e.g. v3")
@@ -103,4 +107,42 @@ def _rollback(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         raise CLIError(str(exc)) from None
     print(f"live: {state['live']} (previous: {state['previous']})")
+    return 0
+
+
+def _interval(pair: list[float] | None) -> str:
+    return "-" if pair is None else f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    board = _admin().leaderboard()
+    if args.json:
+        print(json.dumps(board, indent=2))
+        return 0
+    print(
+        f"{board['mixed_rankings']} mixed rankings; strength = Bradley-Terry log-odds against "
+        f"live ({board['live']}), 95% bootstrap interval"
+    )
+    print(f"{'version':<9} {'strength':>9} {'interval':<18} {'pairs':>6}  win rate vs live (95%)")
+    for row in board["versions"]:
+        strength = "-" if row["strength"] is None else f"{row['strength']:+.3f}"
+        rate = row["win_rate_vs_live"]
+        rate_text = (
+            "-"
+            if rate is None
+            else f"{rate['estimate']:.3f} [{rate['interval'][0]:.3f}, {rate['interval'][1]:.3f}]"
+            f" over {rate['rankings']} rankings"
+        )
+        print(
+            f"{row['version']:<9} {strength:>9} {_interval(row['interval']):<18} "
+            f"{row['comparisons']:>6}  {rate_text}"
+        )
+    test = board["test"]
+    if test is not None:
+        print(
+            f"test {test['candidate']} vs {test['live']}: {test['action']} "
+            f"(auto-promote {'on' if test['auto_promote'] else 'off'}): {test['reason']}"
+        )
+    for decision in board["decisions"]:
+        print(f"decided: {decision['action']} {decision['candidate']}: {decision['summary']}")
     return 0

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "loop": ("learn.bench.loop", "does the served model improve from rankings, how fast"),
     "swap": ("learn.bench.swap", "what clients notice while versions are hot-swapped"),
     "ppo": ("learn.bench.ppo", "PPO episodes per second, loopchat's trainer vs TRL's"),
+    "ab": ("learn.bench.ab", "promotion by win rate: A/A false promotions, rankings to decide"),
 }
 
 

@@ -191,6 +191,13 @@ class Engine(ABC):
             finally:
                 self._admitted.leave()
 
+    async def drain(self) -> None:
+        """Wait (up to ``drain_seconds``) until every admitted request has finished."""
+        try:
+            await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
+        except TimeoutError:
+            log.warning("going ahead with %d slow readers still open", self._admitted.active)
+
     async def swap(
         self, model_dir: str | Path, version: str, base_dir: str | Path | None = None
     ) -> None:
@@ -211,10 +218,7 @@ class Engine(ABC):
                 return
             self._open.clear()
             try:
-                try:
-                    await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
-                except TimeoutError:
-                    log.warning("swapping with %d slow readers still open", self._admitted.active)
+                await self.drain()
                 await self._reload(base)
                 self.base_dir, self._adapter = base, None
                 adapter = await self._load_adapter(model_dir, version) if base_dir else None

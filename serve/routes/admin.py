@@ -1,4 +1,4 @@
-"""``/admin/*``: checkpoints, promotion, rollback and the learning loop, for the operator.
+"""``/admin/*``: checkpoints, promotion, rollback, the A/B leaderboard and the learning loop.
 
 Every route needs ``Authorization: Bearer <LOOPCHAT_ADMIN_TOKEN>`` (401 without, 403 wrong, 403
 when no token is configured). The logic is :class:`serve.admin.AdminService`, shared with the
@@ -86,6 +86,11 @@ def rollback(admin: Admin, body: AdminAction | None = None) -> dict[str, Any]:
 @router.get("/history")
 def history(admin: Admin) -> list[dict]:
     return admin.history()
+
+
+@router.get("/leaderboard")
+def leaderboard(admin: Admin) -> dict[str, Any]:
+    return admin.leaderboard()
 
 
 @router.get("/loop")

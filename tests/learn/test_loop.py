@@ -284,3 +284,20 @@ def test_a_lock_left_by_a_dead_round_lapses(loop, completions, redis_url) -> Non
     assert run_round("blocked", config, settings)["skipped"] == "another round is running"
     time.sleep(0.6)
     assert run_round("unblocked", config, settings)["status"] == "done"
+
+
+def test_a_candidate_in_ab_keeps_its_place_and_auto_promote_leaves_it_to_the_users(
+    loop, completions, redis_url, tiny_model
+) -> None:
+    settings, client, registry = loop
+    settings = settings.model_copy(update={"auto_promote": True, "ab_share": 0.5})
+    under_test = registry.register(tiny_model, "rloo", "v1", {})
+    registry.set_candidate(under_test)
+    registry.record_gate(under_test, {"passed": True, "reasons": []})
+    submit_rankings(redis_url, fresh(completions[:12]))
+
+    record = run_round("round-ab", LoopConfig.from_settings(settings, TINY), settings)
+    assert record["status"] == "done" and record["ab_under_test"] == under_test
+    assert record["candidate"] != under_test and registry.alias("candidate") == under_test
+    assert registry.get(record["candidate"])["gate"] == record["gate"]  # still gated
+    assert record["promoted"] is False and registry.alias("live") == "v1"

@@ -37,6 +37,7 @@ def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
         "LOOPCHAT_MODEL": str(tiny_model),
         "LOOPCHAT_LOOP_CONFIG": json.dumps(TINY),
         "LOOPCHAT_AUTO_PROMOTE": "1",
+        "LOOPCHAT_AB_SHARE": "0",  # promotion on the gate alone, as the assertions expect
     }
     log = tmp_path / "worker.log"
     with open(log, "wb") as fh:

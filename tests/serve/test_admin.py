@@ -29,6 +29,7 @@ ROUTES = [
     ("POST", "/admin/rollback"),
     ("GET", "/admin/loop"),
     ("GET", "/admin/history"),
+    ("GET", "/admin/leaderboard"),
 ]
 
 

@@ -110,8 +110,10 @@ def test_ranking_of_a_real_completion_is_stored_as_one_self_contained_event(
         "user": "ann",  # the completion's user when the ranking names none
         "comment": "close call",
         "version": answer.system_fingerprint,
+        "versions": [choice.version for choice in answer.choices],  # no candidate: all live's
         "time": event["time"],
     }
+    assert set(event["versions"]) == {answer.system_fingerprint}
     assert before <= event["time"] <= time.time()
 
 

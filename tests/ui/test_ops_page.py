@@ -80,6 +80,8 @@ def test_operator_logs_in_promotes_and_rolls_back(
     expect(page.locator("#loop")).to_contain_text("since the last round")
     expect(page.locator("#loop")).to_contain_text("5 all tied")
     expect(page.locator("#loop-plot")).to_be_visible()
+    expect(page.locator("#ab")).to_contain_text("Mixed rankings")
+    expect(page.locator("#ab-plot")).to_be_visible()
 
     # The failed candidate is refused without "force", and nothing changes.
     page.get_by_role("button", name="Promote").click()
