@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from serve.adapters import load_merged
 from serve.engine.base import Engine, SamplingOptions
-from serve.settings import Settings
 
 RawDelta = tuple[int, str, int, str | None]
 WORKERS = 4  # requests generated at the same time (each in a thread of its own)
@@ -153,14 +151,8 @@ class HFEngine(Engine):
 
     name = "hf"
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        version: str,
-        settings: Settings,
-        base_dir: str | Path | None = None,
-    ) -> None:
-        super().__init__(model_dir, version, settings, base_dir)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._model: PreTrainedModel | None = None
         self._executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hf-engine")
         self._cancel: dict[str, threading.Event] = {}

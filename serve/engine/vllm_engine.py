@@ -16,7 +16,6 @@ from typing import Any
 
 from serve.adapters import adapter_rank, learns_with_lora
 from serve.engine.base import Engine, EngineRequestError, SamplingOptions
-from serve.settings import Settings
 
 
 def configure_environment(data_dir: Path) -> None:
@@ -37,18 +36,12 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        version: str,
-        settings: Settings,
-        base_dir: str | Path | None = None,
-    ) -> None:
-        super().__init__(model_dir, version, settings, base_dir)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._llm: Any = None
         # Runtime LoRA when policies over this base learn as adapters: it must be on from the
         # start, before the first adapter version exists.
-        self.lora = learns_with_lora(self.base_dir, settings.lora_above)
+        self.lora = learns_with_lora(self.base_dir, self.settings.lora_above)
         self._lora_ids = itertools.count(1)
 
     async def start(self) -> None:
