@@ -124,6 +124,10 @@ class Engine(ABC):
     async def shutdown(self) -> None:
         """Release the model (and any engine process)."""
 
+    def problem(self) -> str | None:
+        """Why the engine cannot generate now, or None when it can (``GET /health``)."""
+        return None
+
     @abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop generating for ``request_id`` (the client went away)."""
