@@ -122,7 +122,9 @@ class LoopTrigger:
         """
         every = self.settings.round_every
         try:
-            task_id = await asyncio.to_thread(send_round, resolve_redis_url(self.settings))
+            task_id = await asyncio.to_thread(
+                send_round, resolve_redis_url(self.settings), claimed=every
+            )
         except Exception:
             await self.client.incrby(SINCE_ROUND, every)
             log.exception("could not queue a learning round; will retry on the next ranking")
