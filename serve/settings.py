@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         "delivered again. Keep it above the longest round when several workers share a queue "
         "(a live round redelivered early is skipped, never run twice).",
     )
+    swap_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest a hot swap may load new weights; one that takes longer is "
+        "abandoned and serving goes on with the old version (retried at the next announcement "
+        "or poll).",
+    )
     supervise: bool = Field(
         default=True,
         description="`loopchat up` restarts its worker child and embedded redis-server when "

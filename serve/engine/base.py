@@ -29,6 +29,10 @@ class EngineRequestError(ValueError):
     """The engine refused a request's parameters: the client's mistake (answered 400)."""
 
 
+class SwapTimeout(RuntimeError):
+    """A weight swap did not finish in ``swap_timeout_s``; the old version keeps serving."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample the ``n`` candidates of one request (OpenAI's parameters, validated).
@@ -183,7 +187,17 @@ class Engine(ABC):
                     await asyncio.wait_for(self._admitted.idle.wait(), self.drain_seconds)
                 except TimeoutError:
                     log.warning("swapping with %d slow readers still open", self._admitted.active)
-                await self._reload(str(model_dir))
+                # A load that hangs (a stuck mount, a wedged engine) must not hold requests
+                # back for ever: they wait for the swap, so it gets a deadline.
+                try:
+                    await asyncio.wait_for(
+                        self._reload(str(model_dir)), self.settings.swap_timeout_s
+                    )
+                except TimeoutError:
+                    raise SwapTimeout(
+                        f"loading {version} took over {self.settings.swap_timeout_s:g} s; "
+                        f"still serving {self.version}"
+                    ) from None
                 self.model_dir, self.version = str(model_dir), version
             finally:
                 self._open.set()
