@@ -4,9 +4,11 @@ A round reads top to bottom in :func:`run_round`. It runs in the Celery worker
 (``learn.tasks.run_round``) or in the CLI (``loopchat learn round``); both call the same code.
 
 **One at a time.** A round holds the Redis lock ``loopchat:loop:lock`` (``SET NX`` with an
-expiry, renewed by a thread while the round runs, so a dead worker's lock lapses by itself).
-A second round that finds it taken returns ``{"skipped": …}`` at once; the rankings it would
-have used stay in the stream for the next round.
+expiry, renewed by a thread while the round runs, through Redis restarts, so a dead worker's
+lock lapses by itself). A second round that finds it taken returns ``{"skipped": …}`` at once
+and gives back the trigger counts it was queued with; the rankings it would have used stay in
+the stream for the next round. A round whose lock lapsed (an outage longer than the expiry)
+commits nothing: the commit checks the lock's token in its own transaction.
 
 **Which rankings.** New rankings come from the feedback stream through the consumer group
 (``serve.events.FeedbackLog``). While a round holds the lock no other round runs, so anything
@@ -26,11 +28,16 @@ live.
 
 **Idempotent.** The task id is the round id. A round is committed in one Redis transaction
 (round record, ``last_id``, the stream ids it consumed added to ``loopchat:loop:counted``, the
-held-out ids, the learner's position, the unusable counts) and only then are its entries acked
-(and removed from ``counted`` again). So:
+held-out ids, the learner's position, the unusable counts); only then is its candidate promoted
+(when it passed and ``LOOPCHAT_AUTO_PROMOTE`` is on) and its entries acked (and removed from
+``counted`` again). So:
 
 - a redelivered task whose round was committed finds ``loopchat:loop:round:<id>`` and returns
-  the stored record without training again;
+  the stored record without training again, promoting the candidate and acking its entries if
+  the dead worker had not got that far (:func:`finish_promotion`, :func:`ack_committed`);
+- a redelivered task whose round died before committing trains again from where the dead
+  attempt started (not from the reward model that attempt registered), so no ranking reaches
+  the reward model twice;
 - an entry redelivered because its round died between commit and ack is found in ``counted``,
   acked, and not counted a second time;
 - a round that dies before committing counted nothing; its entries are reclaimed by the next.
@@ -76,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -107,6 +115,7 @@ from serve.events import (
     LEARNER_STATE,
     ROUND_LOCK,
     ROUNDS,
+    SINCE_ROUND,
     UNUSABLE,
     FeedbackEvent,
     FeedbackLog,
@@ -116,6 +125,8 @@ from serve.events import (
 from serve.registry import Registry
 from serve.settings import Settings
 from serve.store import resolve_redis_url, sync_client
+
+log = logging.getLogger(__name__)
 
 ROUND_TTL_S = 7 * 24 * 3600
 
@@ -256,8 +267,11 @@ class LoopConfig:
 class RoundLock:
     """The one-round-at-a-time lock: ``SET NX PX`` with a token, renewed by a daemon thread.
 
-    If renewal ever fails (the lock expired, e.g. the process was frozen, and another round
-    took it) :meth:`ensure_held` raises, and the round stops before committing anything.
+    The renewer outlives Redis outages: a ``ConnectionError`` or timeout (Redis restarting) is
+    retried every second until Redis answers again. If the lock is gone by then (the outage
+    outlasted its expiry and another round may have taken it), or renewal is refused, the lock
+    is lost: :meth:`ensure_held` raises, and the commit, which checks the token in the same
+    transaction (:meth:`token`), refuses, so the round stops before counting anything.
     """
 
     def __init__(self, client: redis.Redis, ttl_s: float) -> None:
@@ -275,12 +289,27 @@ class RoundLock:
         return self
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        renewed = time.monotonic()
+        wait = self.ttl_s / 3
+        while not self._stop.wait(wait):
             try:
                 self.lock.reacquire()
-            except LockError:
+            except LockError:  # expired, or someone else's now
                 self._lost.set()
                 return
+            except redis.RedisError as exc:  # Redis down or restarting: try again soon
+                if time.monotonic() - renewed >= self.ttl_s:
+                    self._lost.set()  # expired meanwhile, whoever holds it now
+                    return
+                log.warning("round lock not renewed (%s); retrying", exc)
+                wait = min(1.0, self.ttl_s / 10)
+                continue
+            renewed, wait = time.monotonic(), self.ttl_s / 3
+
+    def token(self) -> str:
+        """This holder's token: the lock key's value for as long as the lock is ours."""
+        token = self.lock.local.token
+        return token.decode() if isinstance(token, bytes) else str(token)
 
     def ensure_held(self) -> None:
         if self._lost.is_set() or not self.lock.owned():
@@ -293,8 +322,8 @@ class RoundLock:
         self._renewer.join()
         try:
             self.lock.release()
-        except LockError:
-            pass  # expired already: nothing of ours to release
+        except (LockError, redis.RedisError):
+            pass  # expired already, or Redis is down: it lapses by itself
 
 
 def consumer_name() -> str:
@@ -435,17 +464,28 @@ def run_round(
     round_id: str | None = None,
     config: LoopConfig | None = None,
     settings: Settings | None = None,
+    claimed: int = 0,
 ) -> dict[str, Any]:
-    """Run one round now (or recognise it as already done); returns its record."""
+    """Run one round now (or recognise it as already done); returns its record.
+
+    ``claimed`` is how many counts of the trigger's counter (``SINCE_ROUND``) the ranking that
+    queued this round took; a round skipped because another one runs gives them back, so the
+    rankings that queued it still start the next round rather than waiting for as many more.
+    """
     settings = settings or Settings()
     config = config or LoopConfig.from_settings(settings)
     round_id = round_id or f"manual-{uuid.uuid4().hex[:12]}"
     client = sync_client(resolve_redis_url(settings))
     done = client.get(round_key(round_id))
     if done:
-        return {**json.loads(done), "replayed": True}
+        record = json.loads(done)
+        finish_promotion(Registry.from_settings(settings, client), record)
+        ack_committed(client)
+        return {**record, "replayed": True}
     with RoundLock(client, config.lock_ttl_s) as lock:
         if not lock.held:
+            if claimed:
+                client.incrby(SINCE_ROUND, claimed)
             return {"round": round_id, "skipped": "another round is running"}
         started = time.time()
         try:
@@ -462,8 +502,43 @@ def run_round(
             client.ltrim(ROUNDS, -config.keep_rounds, -1)
             raise
         if consumed:
-            _commit(client, FeedbackLog(client), record, consumed, rankings, config.keep_rounds)
+            feedback = FeedbackLog(client)
+            _commit(client, lock, record, consumed, rankings, config.keep_rounds)
+            finish_promotion(Registry.from_settings(settings, client), record)
+            feedback.ack(consumed)
+            client.srem(COUNTED, *consumed)
         return record
+
+
+def ack_committed(client: redis.Redis) -> None:
+    """Ack the entries committed rounds left unacked (their worker died right after the
+    commit): committed means counted, so acking them now changes no count."""
+    if entry_ids := sorted(client.smembers(COUNTED)):
+        FeedbackLog(client).ack(entry_ids)
+        client.srem(COUNTED, *entry_ids)
+
+
+def finish_promotion(registry: Registry, record: dict[str, Any]) -> None:
+    """Promote a committed round's candidate if the round decided to and it has not happened.
+
+    A round commits first and promotes after, so a worker killed in between leaves a committed
+    round whose promotion the redelivered task (which finds the record) carries out. Only if
+    nothing changed the live version since the commit: a later promotion or an operator's
+    rollback stands.
+    """
+    if not record.get("promoted"):
+        return
+    since = registry.history()[record["continue_from"]["history"] :]
+    if any(e["action"] == "promote" and e["version"] == record["candidate"] for e in since):
+        return
+    if since:
+        log.warning(
+            "round %s: not promoting %s, live changed since the round committed",
+            record["round"],
+            record["candidate"],
+        )
+        return
+    registry.promote(record["candidate"], by="loop", reason=f"round {record['round']}: gate passed")
 
 
 def _round(
@@ -518,7 +593,13 @@ def _round(
 
         # 1. Refresh the reward model on every new ranking (and a replay), warm-started.
         t = time.time()
-        reward_models = registry.versions("reward")
+        # Not a reward model this very round registered before its worker died: those saw
+        # these rankings already; the redelivered round starts where the dead one started.
+        reward_models = [
+            meta
+            for meta in registry.versions("reward")
+            if meta.get("info", {}).get("round") != round_id
+        ]
         previous_rm = reward_models[-1]["version"] if reward_models else None
         lora = lora_options(reference_dir, settings)
         rm_metrics = train_reward_model(
@@ -593,13 +674,11 @@ def _round(
     registry.record_gate(candidate, gate)
     timings["gate"] = time.time() - t
 
-    # 5. Promote a passing candidate if the operator allowed it; otherwise it waits. With
-    # online A/B on, a passing candidate goes to mixed slates instead and the users' win rate
-    # decides (serve.ab.Referee).
+    # 5. Promote a passing candidate if the operator allowed it (after the commit, in
+    # run_round: finish_promotion); otherwise it waits. With online A/B on, a passing candidate
+    # goes to mixed slates instead and the users' win rate decides (serve.ab.Referee).
     lock.ensure_held()
     promoted = bool(settings.auto_promote and gate["passed"] and settings.ab_share == 0)
-    if promoted:
-        registry.promote(candidate, by="loop", reason=f"round {round_id}: gate passed")
 
     new_ids = [entry_id for entry_id, _ in new]
     timings["total"] = time.time() - started
@@ -635,27 +714,32 @@ def _round(
 
 def _commit(
     client: redis.Redis,
-    feedback: FeedbackLog,
+    lock: RoundLock,
     record: dict,
     entry_ids: list[str],
     rankings: RoundRankings,
     keep: int,
 ) -> None:
-    """Record the round, what it consumed, what it held out and where its learner stopped,
-    atomically, then ack (see the module docstring)."""
+    """Record the round, what it consumed, what it held out and where its learner stopped, in
+    one transaction that only goes through while ``lock`` is still ours (see the module
+    docstring); acking follows. Raises ``LockError`` if the lock was lost: nothing is written."""
     raw = json.dumps(record)
-    last = client.get(LAST_ID)
-    pipe = client.pipeline(transaction=True)
-    pipe.sadd(COUNTED, *entry_ids)
-    pipe.set(round_key(record["round"]), raw, ex=ROUND_TTL_S)
-    pipe.rpush(ROUNDS, raw)
-    pipe.ltrim(ROUNDS, -keep, -1)
-    pipe.set(HELDOUT, json.dumps([entry_id for entry_id, _ in rankings.heldout]))
-    for reason, count in rankings.unusable.items():
-        pipe.hincrby(UNUSABLE, reason, count)
-    pipe.set(LEARNER_STATE, json.dumps(record["continue_from"]))
-    if last is None or stream_order(entry_ids[-1]) > stream_order(last):
-        pipe.set(LAST_ID, entry_ids[-1])
-    pipe.execute()
-    feedback.ack(entry_ids)
-    client.srem(COUNTED, *entry_ids)
+    token = lock.token()
+
+    def write(pipe: redis.client.Pipeline) -> None:
+        if pipe.get(ROUND_LOCK) != token:
+            raise LockError("the round lock was lost before the commit; nothing was committed")
+        last = pipe.get(LAST_ID)
+        pipe.multi()
+        pipe.sadd(COUNTED, *entry_ids)
+        pipe.set(round_key(record["round"]), raw, ex=ROUND_TTL_S)
+        pipe.rpush(ROUNDS, raw)
+        pipe.ltrim(ROUNDS, -keep, -1)
+        pipe.set(HELDOUT, json.dumps([entry_id for entry_id, _ in rankings.heldout]))
+        for reason, count in rankings.unusable.items():
+            pipe.hincrby(UNUSABLE, reason, count)
+        pipe.set(LEARNER_STATE, json.dumps(record["continue_from"]))
+        if last is None or stream_order(entry_ids[-1]) > stream_order(last):
+            pipe.set(LAST_ID, entry_ids[-1])
+
+    client.transaction(write, ROUND_LOCK, LAST_ID)

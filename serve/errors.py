@@ -1,7 +1,9 @@
 """Every error leaves the API in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``
 
 Handlers here turn request-parsing failures, unknown routes, raised :class:`APIError` and
-anything unexpected into that shape, so a client never sees a stack trace or an HTML page.
+anything unexpected into that shape, so a client never sees a stack trace or an HTML page. A
+Redis that is down, restarting or refusing writes is a 503 with ``Retry-After`` (a moment's
+outage, not a server bug).
 Schema violations are 422 and name the field in ``param``; a body that is not JSON is 400.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -72,6 +75,18 @@ def validation_error(exc: RequestValidationError) -> ErrorResponse:
     return ErrorResponse.make(422, message, param=param, code=first.get("type"))
 
 
+# Replies of a Redis that is loading its data, refusing writes after a failed snapshot
+# (stop-writes-on-bgsave-error), out of memory under noeviction, or a read-only replica.
+_REFUSALS = ("LOADING", "MISCONF", "OOM", "READONLY")
+
+
+def storage_unavailable(exc: redis.RedisError) -> bool:
+    """Whether ``exc`` means Redis cannot be used right now (worth a retry), not a bug."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSALS)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure through OpenAI's error shape."""
 
@@ -89,6 +104,20 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         error = ErrorResponse.make(exc.status_code, str(exc.detail), type=kind)
         return error_json(error, dict(exc.headers or {}))
+
+    @app.exception_handler(redis.RedisError)
+    async def _storage(request: Request, exc: redis.RedisError) -> JSONResponse:
+        if not storage_unavailable(exc):
+            return await _unexpected(request, exc)
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        error = ErrorResponse.make(
+            503,
+            "Storage is unavailable for a moment (Redis is restarting or refusing writes); "
+            "nothing was stored by this request unless a retry finds it. Retry shortly.",
+            type="server_error",
+            code="storage_unavailable",
+        )
+        return error_json(error, {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -49,6 +49,9 @@ ROUND_LOCK = key("loop", "lock")  # one round at a time
 HELDOUT = key("loop", "heldout")  # JSON ids the last round held out: the next one trains on them
 LEARNER_STATE = key("loop", "learner")  # JSON {learner, version, history}: where to continue
 UNUSABLE = key("loop", "unusable")  # hash: consumed rankings that order nothing, by reason
+WORKERS = key("workers")  # sorted set: learning worker name -> unix time of its last heartbeat
+
+MISSED_BEATS = 3  # a worker whose last heartbeat is older than this many intervals is dead
 
 
 def round_key(round_id: str) -> str:

@@ -66,6 +66,23 @@ def celery_url(redis_url: str) -> str:
     return f"redis+socket://{parts.netloc}{parts.path}{query}"
 
 
+def transport_options(settings: Settings) -> dict[str, float]:
+    """kombu's Redis transport options for the learning queue, the same for sender and worker.
+
+    A round is acked when it ends (``acks_late``). If its worker dies, the message waits in
+    kombu's "unacked" set until it is ``visibility_timeout`` old, then any worker's sweep puts
+    it back on the queue (kombu's default: an hour). Sweeping every ``unacked_restore_interval``
+    seconds with no throttle, a lost round is running again ``task_visibility_s`` plus at most
+    a tenth of it later.
+    """
+    visibility = settings.task_visibility_s
+    return {
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": max(1, min(30, visibility // 10)),
+        "unacked_restore_throttle": 1,
+    }
+
+
 # Celery's package loads its attributes lazily, and a first ``from celery import Celery`` in
 # several threads at once can fail with an ImportError (rounds are sent from worker threads).
 _CELERY_LOCK = threading.Lock()
@@ -78,7 +95,9 @@ def celery_client(redis_url: str) -> Celery:
         from celery import Celery
 
         url = celery_url(redis_url)
-        return Celery("loopchat-api", broker=url, backend=url, set_as_current=False)
+        app = Celery("loopchat-api", broker=url, backend=url, set_as_current=False)
+        app.conf.broker_transport_options = transport_options(Settings())
+        return app
 
 
 def send_round(redis_url: str, **kwargs: object) -> str:
@@ -103,7 +122,9 @@ class LoopTrigger:
         """
         every = self.settings.round_every
         try:
-            task_id = await asyncio.to_thread(send_round, resolve_redis_url(self.settings))
+            task_id = await asyncio.to_thread(
+                send_round, resolve_redis_url(self.settings), claimed=every
+            )
         except Exception:
             await self.client.incrby(SINCE_ROUND, every)
             log.exception("could not queue a learning round; will retry on the next ranking")

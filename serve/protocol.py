@@ -228,3 +228,25 @@ class FeedbackResponse(BaseModel):
 
     id: str
     pairs: int
+
+
+class HealthPart(BaseModel):
+    """One part of the service in ``GET /health``; a ``required`` part that is ``down`` makes
+    the answer a 503."""
+
+    status: Literal["ok", "down"]
+    required: bool = True
+    detail: str | None = None
+    workers: int | None = Field(default=None, description="Live learning workers (worker part).")
+
+
+class HealthResponse(BaseModel):
+    """``GET /health``: 200 with every part ok, 503 naming the ``failing`` parts (also as an
+    OpenAI-shaped ``error`` whose ``param`` is the first of them)."""
+
+    status: Literal["ok", "unavailable"]
+    version: str
+    engine: str
+    parts: dict[str, HealthPart]
+    failing: list[str] = Field(default_factory=list)
+    error: ErrorInfo | None = None

@@ -250,14 +250,25 @@ class ChatService:
         return asked if asked is not None else min(self.settings.max_tokens_default, room)
 
     async def _generate(self, job: _Job, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-        """Run the engine into ``job``; store the completion before the caller sees the end."""
+        """Run the engine into ``job``; store the completion before the caller sees the end.
+
+        The delta that finishes the last candidate is held until the completion is stored: a
+        client that ranks as soon as it sees every ``finish_reason`` finds the completion.
+        """
         outcome = "aborted"
+        stored = -1  # how many deltas the stored completion holds
+        added = 0
         try:
             async with aclosing(deltas):
                 async for delta in deltas:
                     job.add(delta)
+                    added += 1
+                    if delta.finish_reason is not None and None not in job.finish:
+                        await self.store.save(job.completion())
+                        stored = added
                     yield delta
-            await self.store.save(job.completion())
+            if stored != added:
+                await self.store.save(job.completion())
             outcome = "ok"
         finally:
             metrics.REQUESTS.labels(outcome=outcome).inc()

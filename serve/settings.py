@@ -146,6 +146,38 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="Largest request body accepted (413 above)."
     )
     max_comment_chars: int = Field(default=2000, ge=0, description="Longest feedback comment.")
+    redis_fsync: Literal["always", "everysec"] = Field(
+        default="everysec",
+        description="When the embedded Redis fsyncs its append-only file. `always`: before "
+        "a ranking's 201, so a 201 survives power loss (costs ingest throughput, see the README). "
+        "`everysec`: once a second, so a crash of the OS or power can lose the last second of "
+        "201s (a killed redis-server or loopchat loses nothing). Deployed Redis: its own config.",
+    )
+    worker_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a learning worker writes its heartbeat; `/health` calls the "
+        "worker dead after three missed beats.",
+    )
+    task_visibility_s: int = Field(
+        default=300,
+        ge=5,
+        description="Seconds before a round queued to a worker that died (kill -9, power) is "
+        "delivered again. Keep it above the longest round when several workers share a queue "
+        "(a live round redelivered early is skipped, never run twice).",
+    )
+    swap_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest a hot swap may load new weights; one that takes longer is "
+        "abandoned and serving goes on with the old version (retried at the next announcement "
+        "or poll).",
+    )
+    supervise: bool = Field(
+        default=True,
+        description="`loopchat up` restarts its worker child and embedded redis-server when "
+        "either dies.",
+    )
     access_log: bool = Field(
         default=True,
         description="Log one line per HTTP request. Costs ~5% of the API's CPU at high request "

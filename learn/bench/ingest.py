@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-rankings", type=int, default=100_000, help="Upper bound on rankings posted."
     )
+    parser.add_argument(
+        "--redis-fsync",
+        choices=["everysec", "always"],
+        default="everysec",
+        help="appendfsync of the private embedded redis-server (LOOPCHAT_REDIS_FSYNC): "
+        "`always` measures what a 201 that survives power loss costs. Results of `always` go "
+        "to bench-ingest-fsync-always.*",
+    )
 
 
 async def _create_completions(url: str, count: int, k: int) -> list[str]:
@@ -154,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
     # No access log: at these rates one line per request is what an operator turns off first.
     env = {"LOOPCHAT_FEEDBACK_RATE": str(10**9), "LOOPCHAT_MAX_N": str(args.k),
            "LOOPCHAT_ACCESS_LOG": "0"}  # fmt: skip
-    with scratch_dir("bench-ingest") as work, bench_redis(args.redis_url, work) as redis_url:
+    if args.redis_fsync != "everysec" and args.redis_url is not None:
+        raise LearnError("--redis-fsync applies to the private embedded redis-server only")
+    name = NAME if args.redis_fsync == "everysec" else f"{NAME}-fsync-{args.redis_fsync}"
+    fsync = args.redis_fsync
+    with scratch_dir("bench-ingest") as work, bench_redis(args.redis_url, work, fsync) as redis_url:
         with service(model, work, redis_url, args.engine, env=env) as svc:
             print(f"bench ingest: creating {args.completions} completions", flush=True)
             completion_ids = asyncio.run(_create_completions(svc.url, args.completions, args.k))
@@ -173,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model),
         "engine": args.engine,
         "redis": redis_kind,
+        "redis_fsync": fsync if args.redis_url is None else "as configured",
         "connections": args.connections,
         "completions": len(completion_ids),
         "k": args.k,
@@ -186,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
         "target": f">= {TARGET_PER_S} rankings/s with zero loss",
         "target_met": rate >= TARGET_PER_S and not lost and not unexpected,
     }
-    path = write_result(args.out, NAME, result)
-    plot = _plot(result, args.out)
+    path = write_result(args.out, name, result)
+    plot = _plot(result, args.out, name)
     print(
         f"bench ingest: {rate:.0f} rankings/s ({len(stored)} stored in {posted['seconds']:.1f} s), "
         f"stream +{len(new_entries)}, lost {len(lost)}, statuses {posted['statuses']}; "
@@ -196,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(result: dict[str, Any], out: str) -> Path:
+def _plot(result: dict[str, Any], out: str, name: str) -> Path:
     fig, axes = figure(1, 1, width=7)
     ax = axes[0][0]
     per_second = result["per_second"]
@@ -205,8 +218,9 @@ def _plot(result: dict[str, Any], out: str) -> Path:
     ax.set(xlabel="second of the run", ylabel="rankings stored per second")
     ax.set_title(
         f"{result['rankings_per_s']:.0f}/s sustained; {result['rankings_201']} stored, "
-        f"{result['stream_entries_added']} in stream, {result['lost']} lost"
+        f"{result['stream_entries_added']} in stream, {result['lost']} lost "
+        f"(appendfsync {result['redis_fsync']})"
     )
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
-    return save_figure(fig, out, NAME)
+    return save_figure(fig, out, name)

@@ -6,7 +6,8 @@ configured that is the embedded server this process starts). The listening socke
 first too: a busy port fails at once instead of after the model has loaded.
 
 SIGINT or SIGTERM stops accepting connections, lets in-flight requests finish, shuts the engine
-down, then stops the worker.
+down, then stops the worker. Meanwhile a supervisor thread (``serve.supervisor``) restarts the
+worker or the embedded redis-server if either dies (``LOOPCHAT_SUPERVISE``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serve.cli import CLIError
 from serve.settings import Settings
+from serve.supervisor import Child, Supervisor, WorkerProcess
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -108,19 +108,15 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def start_worker() -> subprocess.Popen:
-    """``loopchat worker`` as a child process with this process's environment (and Redis)."""
-    return subprocess.Popen([sys.executable, "-m", "serve.cli", "worker"], env=os.environ.copy())
+def supervise(settings: Settings, worker: WorkerProcess | None) -> Supervisor | None:
+    """Start restarting the embedded redis-server and the worker when they die (if asked)."""
+    from serve.store import embedded_server
 
-
-def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:
-    if worker.poll() is None:
-        worker.terminate()
-        try:
-            worker.wait(timeout)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+    embedded = embedded_server()
+    children: list[Child] = [child for child in (embedded, worker) if child is not None]
+    if not settings.supervise or not children:
+        return None
+    return Supervisor(children).start()
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -168,13 +164,16 @@ def run(args: argparse.Namespace) -> int:
     )
     # uvicorn re-raises the signal that stopped it: SIGTERM then exits 0 through the finally below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    worker = start_worker() if settings.worker else None
+    worker = WorkerProcess() if settings.worker else None
+    supervisor = supervise(settings, worker)
     server = Server(config)
     try:
         server.run(sockets=[sock])
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if worker is not None:
-            stop_worker(worker)
+            worker.stop()
         sock.close()
     if not server.started:
         print("loopchat up: startup failed (the reason is logged above)", file=sys.stderr)

@@ -36,6 +36,10 @@ class EngineRequestError(ValueError):
     """The engine refused a request's parameters: the client's mistake (answered 400)."""
 
 
+class SwapTimeout(RuntimeError):
+    """A weight swap did not finish in ``swap_timeout_s``; the old version keeps serving."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample the ``n`` candidates of one request (OpenAI's parameters, validated).
@@ -141,6 +145,10 @@ class Engine(ABC):
     async def shutdown(self) -> None:
         """Release the model (and any engine process)."""
 
+    def problem(self) -> str | None:
+        """Why the engine cannot generate now, or None when it can (``GET /health``)."""
+        return None
+
     @abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop generating for ``request_id`` (the client went away)."""
@@ -198,6 +206,23 @@ class Engine(ABC):
         except TimeoutError:
             log.warning("going ahead with %d slow readers still open", self._admitted.active)
 
+    async def _within_deadline(self, work: Any, version: str) -> Any:
+        """A load that hangs (a stuck mount, a wedged engine) must not hold requests back for
+        ever: they wait for the swap, so it gets a deadline."""
+        try:
+            return await asyncio.wait_for(work, self.settings.swap_timeout_s)
+        except TimeoutError:
+            raise SwapTimeout(
+                f"loading {version} took over {self.settings.swap_timeout_s:g} s; "
+                f"still serving {self.version}"
+            ) from None
+
+    async def _adapter_for(self, model_dir: str, version: str, base_dir: Any) -> Any:
+        """The engine's handle of an adapter version (None for a full-weight version)."""
+        if not base_dir:
+            return None
+        return await self._within_deadline(self._load_adapter(model_dir, version), version)
+
     async def swap(
         self, model_dir: str | Path, version: str, base_dir: str | Path | None = None
     ) -> None:
@@ -213,15 +238,15 @@ class Engine(ABC):
         model_dir, base = str(model_dir), str(base_dir or model_dir)
         async with self._swap_lock:
             if base == self.base_dir:  # same base weights: only the adapter changes
-                adapter = await self._load_adapter(model_dir, version) if base_dir else None
+                adapter = await self._adapter_for(model_dir, version, base_dir)
                 self.model_dir, self.version, self._adapter = model_dir, version, adapter
                 return
             self._open.clear()
             try:
                 await self.drain()
-                await self._reload(base)
+                await self._within_deadline(self._reload(base), version)
                 self.base_dir, self._adapter = base, None
-                adapter = await self._load_adapter(model_dir, version) if base_dir else None
+                adapter = await self._adapter_for(model_dir, version, base_dir)
                 self.model_dir, self.version, self._adapter = model_dir, version, adapter
             finally:
                 self._open.set()

@@ -170,6 +170,9 @@ class HFEngine(Engine):
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._model = None
 
+    def problem(self) -> str | None:
+        return "no model loaded (not started, or shut down)" if self._model is None else None
+
     async def abort(self, request_id: str) -> None:
         if event := self._cancel.get(request_id):
             event.set()

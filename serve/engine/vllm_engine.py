@@ -70,6 +70,11 @@ class VLLMEngine(Engine):
             self._llm.shutdown()
             self._llm = None
 
+    def problem(self) -> str | None:
+        if self._llm is None:
+            return "no vLLM engine (not started, or shut down)"
+        return "the vLLM engine core died" if self._llm.errored else None
+
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)

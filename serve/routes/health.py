@@ -1,20 +1,27 @@
-"""Liveness and Prometheus metrics (no API key: load balancers and scrapers call these)."""
+"""Health and Prometheus metrics (no API key: load balancers and scrapers call these)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from serve import health as checks
 from serve import metrics
+from serve.protocol import HealthResponse
 
 router = APIRouter()
 
 
-@router.get("/health")
-async def health(request: Request) -> dict[str, str]:
-    engine = request.app.state.engine
-    return {"status": "ok", "version": engine.version, "engine": engine.name}
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "A required part is down."}},
+)
+async def health(request: Request) -> JSONResponse:
+    result = await checks.check(request.app.state)
+    status = 503 if result.failing else 200
+    return JSONResponse(result.model_dump(mode="json", exclude_none=True), status_code=status)
 
 
 @router.get("/metrics")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve.events import ROUNDS
+from serve.events import COUNTED, GROUP, ROUND_LOCK, ROUNDS, STREAM
 from serve.loop_trigger import celery_client
 from serve.registry import Registry
 from serve.settings import Settings
@@ -27,10 +27,28 @@ from tests.learn.loop_helpers import (
 )
 
 
-@pytest.fixture
-def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
-    """A ``loopchat worker`` process; the live model is bootstrapped by the worker itself."""
-    env = {
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A ``loopchat worker`` process logging to ``log``."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "worker", "--loglevel", "INFO"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def worker_env(redis_url: str, tmp_path: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
+    return {
         **os.environ,
         "LOOPCHAT_REDIS_URL": redis_url,
         "LOOPCHAT_DATA_DIR": str(tmp_path),
@@ -38,22 +56,17 @@ def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
         "LOOPCHAT_LOOP_CONFIG": json.dumps(TINY),
         "LOOPCHAT_AUTO_PROMOTE": "1",
         "LOOPCHAT_AB_SHARE": "0",  # promotion on the gate alone, as the assertions expect
+        **extra,
     }
+
+
+@pytest.fixture
+def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
+    """A ``loopchat worker`` process; the live model is bootstrapped by the worker itself."""
     log = tmp_path / "worker.log"
-    with open(log, "wb") as fh:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serve.cli", "worker", "--loglevel", "INFO"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    process = start_worker(worker_env(redis_url, tmp_path, tiny_model), log)
     yield process, log
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop(process)
 
 
 @pytest.mark.slow
@@ -101,3 +114,53 @@ def test_a_celery_worker_runs_a_triggered_round_and_leaves_a_loadable_candidate(
         )
     assert out.shape[1] > ids.shape[1]
     client.close()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_round_has_its_round_redelivered_and_counted_once(
+    redis_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    """kill -9 of the worker while its round trains: the task comes back (visibility timeout
+    5 s here, LOOPCHAT_TASK_VISIBILITY_S) to the next worker, which runs the same round id to
+    the end; every ranking is counted once, none is left pending."""
+    env = worker_env(
+        redis_url,
+        tmp_path,
+        tiny_model,
+        LOOPCHAT_TASK_VISIBILITY_S="5",
+        LOOPCHAT_LOOP_CONFIG=json.dumps({**TINY, "lock_ttl_s": 3.0}),
+    )
+    log = tmp_path / "worker.log"
+    completions = sample_completions(tiny_model, arithmetic_prompts(12, seed=4), n=3)
+    client = sync_client(redis_url)
+    first = start_worker(env, log)
+    try:
+        submit_rankings(redis_url, completions, round_every=12)  # queues one round
+        deadline = time.monotonic() + 300
+        while not (client.exists(ROUND_LOCK) and client.xpending(STREAM, GROUP)["pending"]):
+            assert first.poll() is None, f"worker exited:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no round started:\n{log.read_text()[-4000:]}"
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the training
+        first.kill()  # kill -9: no ack, no requeue by the worker itself
+        first.wait()
+        assert not client.llen(ROUNDS)
+    finally:
+        stop(first)
+
+    second = start_worker(env, log)
+    try:
+        deadline = time.monotonic() + 300
+        while not client.llen(ROUNDS):
+            assert second.poll() is None, f"worker exited:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"not redelivered:\n{log.read_text()[-4000:]}"
+            time.sleep(0.2)
+        [record] = [json.loads(r) for r in client.lrange(ROUNDS, 0, -1)]
+        assert record["status"] == "done", record
+        assert record["rankings_new"] == 12
+        assert client.xpending(STREAM, GROUP)["pending"] == 0 and client.scard(COUNTED) == 0
+        result = celery_client(redis_url).AsyncResult(record["round"]).get(timeout=30)
+        assert result["round"] == record["round"]  # the very task that was queued, redelivered
+    finally:
+        stop(second)
+        client.close()

@@ -194,3 +194,33 @@ def test_client_disconnect_aborts_the_generation(server: Server) -> None:
     while aborted() == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert aborted() == before + 1
+
+
+def test_a_streamed_completion_is_stored_before_its_last_finish_chunk_is_sent(
+    server: Server, store: redis.Redis
+) -> None:
+    """A client that ranks the moment it has every candidate's ``finish_reason`` must find
+    the completion. The server is frozen (SIGSTOP) as soon as that chunk arrives, so whatever
+    it had not stored by then is not in Redis when we look."""
+    import os
+    import signal
+
+    body = {"model": "loopchat", "messages": QUESTION, "stream": True, "n": 2}
+    body |= {"temperature": 1.0, "max_tokens": 8}
+    for _ in range(10):
+        finished: set[int] = set()
+        with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                finished |= {c["index"] for c in chunk["choices"] if c.get("finish_reason")}
+                if len(finished) == 2:
+                    os.kill(server.process.pid, signal.SIGSTOP)
+                    try:
+                        raw = store.get(key("completion", chunk["id"]))
+                    finally:
+                        os.kill(server.process.pid, signal.SIGCONT)
+                    assert raw is not None, "the last finish chunk came before the completion"
+                    break
+        assert len(finished) == 2

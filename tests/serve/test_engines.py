@@ -271,3 +271,35 @@ def test_hf_engine_runs_generation_off_the_event_loop(
         return ticks
 
     assert asyncio.run(scenario()) > 10
+
+
+def test_a_swap_slower_than_its_timeout_is_abandoned_and_serving_goes_on(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A load that outlasts ``swap_timeout_s`` (here 10 ms, less than loading even the nano
+    model takes; in production a stuck mount or a wedged engine) is given up: the swap raises,
+    the request that waited for it and every one after it are served by the old version."""
+    from serve.engine.base import SwapTimeout
+
+    settings = Settings(data_dir=tmp_path / "data", swap_timeout_s=0.01)
+    engine = make_engine("hf", models[0], "v1", settings)
+
+    async def scenario() -> tuple[list[Delta], list[Delta]]:
+        await engine.start()
+        try:
+            swap = asyncio.create_task(engine.swap(models[1], "v2"))
+            await asyncio.sleep(0)  # the swap holds new requests back now
+            during = asyncio.create_task(run(engine, "d", "hello there", GREEDY))
+            with pytest.raises(SwapTimeout):
+                await asyncio.wait_for(swap, 30)
+            return await asyncio.wait_for(during, 30), await run(engine, "a", "hi", GREEDY)
+        finally:
+            await engine.shutdown()
+
+    loop = asyncio.new_event_loop()
+    try:
+        during, after = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert {d.version for d in during + after} == {"v1"} and engine.version == "v1"
+    assert during[-1].finish_reason in ("length", "stop")

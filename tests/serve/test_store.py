@@ -81,3 +81,33 @@ def test_a_failed_connection_is_raised_to_every_caller() -> None:
     for result in results:
         with pytest.raises(redis.ConnectionError):
             raise result
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+def test_the_embedded_redis_states_its_durability_and_restarts_with_its_data(
+    tmp_path, fsync: str
+) -> None:
+    """LOOPCHAT_REDIS_FSYNC reaches the server; writes are refused rather than lost when a
+    snapshot fails; nothing is evicted; a killed server restarts in place with its data."""
+    import psutil
+
+    from serve.store import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path, fsync)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        config = client.config_get("*")
+        assert config["appendonly"] == "yes" and config["appendfsync"] == fsync
+        assert config["stop-writes-on-bgsave-error"] == "yes"
+        assert config["maxmemory"] == "0" and config["maxmemory-policy"] == "noeviction"
+
+        client.set("kept", "yes")
+        victim = psutil.Process(server.pid())
+        victim.kill()
+        victim.wait(10)
+        assert not server.alive()
+        server.restart()
+        assert server.alive() and client.get("kept") == "yes"
+    finally:
+        client.shutdown(nosave=True)
+        client.close()
