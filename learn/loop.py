@@ -16,8 +16,11 @@ committed. Every usable ranking reaches training exactly once (:func:`select_ran
 round trains on its new rankings and on those the previous round held out, and holds out the
 newest share (``heldout_fraction``) of them from the reward model *and* the learner, for the
 gate; those are trained on in the next round. Rankings that order nothing (all tied, all bad)
-are consumed and counted by reason (``loopchat:loop:unusable``). The reward model also replays
-the ``rm_replay`` rankings before them, warm-starting from the previous one.
+are consumed and counted by reason (``loopchat:loop:unusable``). No identity (API key or
+address) holds more than ``max_identity_share`` of a round: the surplus of one that does is
+consumed untrained (``learn.identity_caps``; counted in the record's ``data_window.capped``).
+The reward model also replays the ``rm_replay`` rankings before them, warm-starting from the
+previous one.
 
 **Continuity.** The learner (``LOOPCHAT_LEARNER``: ppo, rloo, dpo or bon; ``learn.learner``)
 starts from the previous round's candidate and trainer state whether or not it was promoted
@@ -50,7 +53,8 @@ ops page:
      "rankings_new": int,          # new rankings this round consumed (each counted once)
      "rankings_total": int,        # rankings in the stream when the round read it
      "rankings_unusable": {"all_tied": int, "all_bad": int},   # of the new ones
-     "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int},
+     "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int,
+                     "capped": int},
      "live": "vN", "start": "vN", "reference": "vN",   # live, the learner's start, SFT
      "learner": "rloo",
      "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
@@ -93,6 +97,7 @@ from learn.bon import BoNConfig
 from learn.data import ptx_texts
 from learn.dpo import DPOConfig
 from learn.gate import GateConfig, evaluate_gate
+from learn.identity_caps import cap_per_identity
 from learn.learner import RoundData, learner, load_state
 from learn.ppo import PPOConfig
 from learn.reward import RewardConfig, train_reward_model
@@ -154,6 +159,14 @@ class LoopConfig:
     )
     max_heldout: int = field(
         default=64, metadata={"help": "Cap on held-out rankings (the gate scores each one)."}
+    )
+    max_identity_share: float = field(
+        default=0.25,
+        metadata={
+            "help": "Most of a round's rankings (trained on, held out, replayed) one identity "
+            "(API key or address, not the `user` label) may hold; the rest of its rankings "
+            "are consumed untrained (learn/identity_caps.py). 1 = no cap."
+        },
     )
     max_prompts: int = field(
         default=1024,
@@ -313,6 +326,7 @@ class RoundRankings:
     heldout: list[Entry]  # the newest usable share: judged by the gate, trained on next round
     replay: list[Entry]  # older rankings the reward model sees again (steadiness, not counting)
     unusable: dict[str, int]  # new rankings that order nothing, by reason
+    capped: int = 0  # usable rankings left out: their identity was over its share of the round
 
     def window(self) -> dict[str, Any]:
         used = self.train + self.heldout
@@ -322,6 +336,7 @@ class RoundRankings:
             "train": len(self.train),
             "heldout": len(self.heldout),
             "replay": len(self.replay),
+            "capped": self.capped,
         }
 
 
@@ -331,8 +346,9 @@ def select_rankings(
     """Train on what is new (and what the last round held out), hold out the newest share.
 
     ``carried`` are the ids the previous round held out; they were consumed then, so they are
-    trained on now. Of the usable ones, the newest ``heldout_fraction`` (at least one when there
-    are two or more, at most ``max_heldout``) is held out of every training this round.
+    trained on now. Each identity keeps at most its share of them (``max_identity_share``,
+    ``learn.identity_caps``). Of the rest, the newest ``heldout_fraction`` (at least one when
+    there are two or more, at most ``max_heldout``) is held out of every training this round.
     """
     unusable: dict[str, int] = {}
     for _, event in new:
@@ -340,6 +356,7 @@ def select_rankings(
             unusable[reason] = unusable.get(reason, 0) + 1
     fresh_ids = {entry_id for entry_id, _ in new} | carried
     pool = [(i, e) for i, e in everything if i in fresh_ids and unusable_reason(e) is None]
+    pool, capped = cap_per_identity(pool, config.max_identity_share)
     n_held = 0
     if len(pool) >= 2 and config.heldout_fraction > 0:
         n_held = min(
@@ -348,7 +365,8 @@ def select_rankings(
     train, heldout = pool[: len(pool) - n_held], pool[len(pool) - n_held :]
     older = [(i, e) for i, e in everything if i not in fresh_ids and unusable_reason(e) is None]
     replay = older[-config.rm_replay :] if config.rm_replay else []
-    return RoundRankings(train, heldout, replay, unusable)
+    replay, _ = cap_per_identity(replay, config.max_identity_share)
+    return RoundRankings(train, heldout, replay, unusable, capped)
 
 
 def distinct_prompts(

@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
         raise LearnError(f"--k must be 2, 3 or 4, not {args.k}")
     model = model_dir(args.model)
     # No access log: at these rates one line per request is what an operator turns off first.
-    env = {"LOOPCHAT_FEEDBACK_RATE": str(10**9), "LOOPCHAT_MAX_N": str(args.k),
-           "LOOPCHAT_ACCESS_LOG": "0"}  # fmt: skip
+    env = {"LOOPCHAT_MAX_N": str(args.k), "LOOPCHAT_ACCESS_LOG": "0"}
     with scratch_dir("bench-ingest") as work, bench_redis(args.redis_url, work) as redis_url:
         with service(model, work, redis_url, args.engine, env=env) as svc:
             print(f"bench ingest: creating {args.completions} completions", flush=True)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from serve.errors import APIError, error_json
-from serve.guards import require_client_key
+from serve.guards import request_identity, require_client_key
 from serve.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_client_key)])
@@ -43,11 +43,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, api_key: str | None = Depends(require_client_key)
+    body: ChatCompletionRequest, request: Request, identity: str = Depends(request_identity)
 ) -> Response:
     try:
         result = await until_disconnect(
-            request, request.app.state.chat.create_chat_completion(body, api_key)
+            request, request.app.state.chat.create_chat_completion(body, identity)
         )
     except ClientGone:
         return Response(status_code=499)
