@@ -61,6 +61,7 @@ ops page:
      "policy": {...the learner's metrics (learn.ppo / rloo / dpo / bon)},
      "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
      "candidate": "vN", "promoted": bool,
+     "promote_refused": str | None,    # why auto-promote did not (a rollback pins live)
      "timings": {"read", "reward", "learn", "register", "gate", "total"}}   # seconds
 
   A round that raised: ``{"round", "status": "failed", "started_at", "finished_at",
@@ -115,7 +116,7 @@ from serve.events import (
     round_key,
     unusable_reason,
 )
-from serve.registry import Registry
+from serve.registry import Pinned, Registry
 from serve.settings import Settings
 from serve.store import resolve_redis_url, sync_client
 
@@ -578,7 +579,6 @@ def _round(
                 "continued": state is not None,
             },
         )
-        registry.set_candidate(candidate)
         timings["register"] = time.time() - t
 
     # 4. Gate: on the held-out rankings, which neither the reward model nor the policy saw.
@@ -588,13 +588,19 @@ def _round(
         distinct_prompts(heldout, config.gate.prompts), config.gate,
     )  # fmt: skip
     registry.record_gate(candidate, gate)
+    registry.set_candidate(candidate)  # only now: the candidate alias names gated versions
     timings["gate"] = time.time() - t
 
-    # 5. Promote a passing candidate if the operator allowed it; otherwise it waits.
+    # 5. Promote a passing candidate if the operator allowed it (and no rollback pins live).
     lock.ensure_held()
-    promoted = bool(settings.auto_promote and gate["passed"])
-    if promoted:
-        registry.promote(candidate, by="loop", reason=f"round {round_id}: gate passed")
+    promoted, promote_refused = False, None
+    if settings.auto_promote and gate["passed"]:
+        try:
+            reason = f"round {round_id}: gate passed"
+            registry.promote(candidate, by="loop", reason=reason, automatic=True)
+            promoted = True
+        except Pinned as exc:
+            promote_refused = str(exc)
 
     new_ids = [entry_id for entry_id, _ in new]
     timings["total"] = time.time() - started
@@ -617,6 +623,7 @@ def _round(
         "gate": gate,
         "candidate": candidate,
         "promoted": promoted,
+        "promote_refused": promote_refused,
         "continue_from": {
             "learner": config.learner,
             "version": candidate,

@@ -73,19 +73,31 @@ class AdminService:
         return self.registry.client
 
     def checkpoints(self) -> dict[str, Any]:
-        """Aliases and every version, oldest first (the ``GET /admin/checkpoints`` body)."""
+        """Aliases, the pin and every version, oldest first (``GET /admin/checkpoints``)."""
         versions = [{f: m.get(f) for f in VERSION_FIELDS} for m in self.registry.versions()]
-        return json_safe({**self.registry.aliases(), "versions": versions})
+        return json_safe(
+            {**self.registry.aliases(), "pin": self.registry.pin(), "versions": versions}
+        )
 
-    def promote(self, version: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
-        """Make ``version`` live; returns the aliases after. Registry errors propagate."""
+    def state(self) -> dict[str, Any]:
+        """The aliases and the pin: what promote, rollback and unpin answer."""
+        return {**self.registry.aliases(), "pin": self.registry.pin()}
+
+    def promote(self, version: str, *, by: str, reason: str, force: bool = False) -> dict[str, Any]:
+        """An operator makes ``version`` live (lifting any pin); returns the state after.
+        Registry errors propagate (a missing or failed gate without ``force``, ...)."""
         self.registry.promote(version, by=by, reason=reason, force=force)
-        return self.registry.aliases()
+        return self.state()
 
-    def rollback(self, by: str, reason: str) -> dict[str, Any]:
-        """Make the previous version live again; returns the aliases after."""
+    def rollback(self, *, by: str, reason: str) -> dict[str, Any]:
+        """Make the previous version live again, pinned; returns the state after."""
         self.registry.rollback(by=by, reason=reason)
-        return self.registry.aliases()
+        return self.state()
+
+    def unpin(self, *, by: str, reason: str) -> dict[str, Any]:
+        """Let automatic promotion resume; returns the state after."""
+        self.registry.unpin(by=by, reason=reason)
+        return self.state()
 
     def history(self) -> list[dict]:
         """Every change of the live version, oldest first."""

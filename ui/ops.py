@@ -1,4 +1,4 @@
-"""The operator page at ``/ops``: checkpoints, promote / rollback, and the learning loop's curves.
+"""The operator page at ``/ops``: checkpoints, promote / rollback / unpin, and the loop's curves.
 
 It reaches state only through :class:`serve.admin.AdminService` (what ``/admin/*`` calls), so
 the page and the API cannot disagree about what a promotion is. Nothing shows before the admin
@@ -57,6 +57,14 @@ def versions_table(state: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def preselected(state: dict[str, Any]) -> str | None:
+    """The version the promote box offers first: the candidate, only if its gate passed (a
+    failed one stays listed, but promoting it is a deliberate, forced choice)."""
+    gates = {v["version"]: v["gate"] for v in state["versions"]}
+    gate = gates.get(state["candidate"])
+    return state["candidate"] if gate and gate["passed"] else None
+
+
 def loop_figure(rounds: list[dict]) -> Figure:
     """Reward, KL, reward-model accuracy and new rankings for each completed round."""
     done = [r for r in rounds if r.get("status") == "done"]
@@ -102,7 +110,7 @@ def history_rows(history: list[dict]) -> list[list[str]]:
     return [
         [
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"])),
-            h["action"],
+            h["action"] + (" (forced)" if h.get("forced") else ""),
             h["version"],
             h["from"] or "",
             h["by"],
@@ -123,10 +131,12 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         aliases = f"**live:** {state['live']} · **previous:** {state['previous'] or '—'} · " + (
             f"**candidate:** {state['candidate'] or '—'}"
         )
+        if pin := state["pin"]:
+            aliases += f" · **pinned** by {pin['by']}'s rollback (auto-promote waits)"
         return (
             aliases,
             versions_table(state),
-            gr.update(choices=list(reversed(policies)), value=state["candidate"]),
+            gr.update(choices=list(reversed(policies)), value=preselected(state)),
             loop_summary(loop),
             loop_figure(loop["rounds"]),
             history_rows(admin.history()),
@@ -162,19 +172,32 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     def refresh(token: str) -> tuple:
         return act(token, lambda admin: "")
 
-    def promote(token: str, version: str | None, reason: str, force: bool) -> tuple:
+    def operator(request: gr.Request) -> str:
+        """Who acts, for the history: the page and the browser's address."""
+        return f"ops-page@{request.client.host if request.client else 'unknown'}"
+
+    def promote(
+        token: str, version: str | None, reason: str, force: bool, request: gr.Request
+    ) -> tuple:
         def run(admin: AdminService) -> str:
             if not version:
                 return "**Choose a version to promote.**"
-            state = admin.promote(version, by="ops-page", reason=reason, force=force)
+            state = admin.promote(version, by=operator(request), reason=reason, force=force)
             return f"Promoted {version}: live is now {state['live']}."
 
         return act(token, run)
 
-    def rollback(token: str, reason: str) -> tuple:
+    def rollback(token: str, reason: str, request: gr.Request) -> tuple:
         def run(admin: AdminService) -> str:
-            state = admin.rollback(by="ops-page", reason=reason)
+            state = admin.rollback(by=operator(request), reason=reason)
             return f"Rolled back: live is now {state['live']}."
+
+        return act(token, run)
+
+    def unpin(token: str, reason: str, request: gr.Request) -> tuple:
+        def run(admin: AdminService) -> str:
+            admin.unpin(by=operator(request), reason=reason)
+            return "Unpinned: auto-promote may promote a passing candidate again."
 
         return act(token, run)
 
@@ -194,10 +217,14 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             with gr.Row():
                 version = gr.Dropdown(label="Version", choices=[], elem_id="promote-version")
                 reason = gr.Textbox(label="Reason (kept in the history)", elem_id="reason")
-                force = gr.Checkbox(label="Force (ignore a failed gate)", elem_id="force")
+                force = gr.Checkbox(
+                    label="Force (ignore a failed or missing gate; needs a reason)",
+                    elem_id="force",
+                )
             with gr.Row():
                 promote_button = gr.Button("Promote", variant="primary", elem_id="promote")
                 rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
+                unpin_button = gr.Button("Unpin", elem_id="unpin")
                 refresh_button = gr.Button("Refresh", elem_id="refresh")
             loop_text = gr.Markdown(elem_id="loop")
             plot = gr.Plot(label="Per round", elem_id="loop-plot")
@@ -214,6 +241,7 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         refresh_button.click(refresh, [token_state], [message, *shown])
         promote_button.click(promote, [token_state, version, reason, force], [message, *shown])
         rollback_button.click(rollback, [token_state, reason], [message, *shown])
+        unpin_button.click(unpin, [token_state, reason], [message, *shown])
     return page
 
 
