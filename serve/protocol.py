@@ -8,7 +8,7 @@ rejected with the field named before any work is done. The one conversion to eng
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationInfo, field_validator
 
@@ -86,11 +86,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """``response_format``: only ``text`` is served (see ``ChatCompletionRequest.unsupported``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``. Unknown extra fields are ignored, as OpenAI's SDKs expect.
 
     ``n`` is bounded here by what any deployment allows; the serving layer applies the
-    configured ``max_n``.
+    configured ``max_n``. ``tools``, ``tool_choice``, ``logprobs``, ``top_logprobs`` and
+    ``response_format`` are declared so that asking for what this server cannot do is refused
+    naming the field (:meth:`unsupported`) instead of being ignored with a 200.
     """
 
     model: Text = Field(min_length=1)
@@ -105,6 +114,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(default=None, max_length=256)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -113,6 +127,25 @@ class ChatCompletionRequest(BaseModel):
         if value == 0 and (info.data.get("n") or 1) > 1:
             raise ValueError("must be above 0 when n > 1 (greedy candidates are all the same)")
         return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(param, why)`` for the first thing asked that this server does not do, or None.
+
+        The served models are plain chat models without tool-call or JSON-constrained
+        decoding, and the engines return no token log-probabilities.
+        """
+        if self.tools or self.tool_choice not in (None, "none"):
+            param = "tools" if self.tools else "tool_choice"
+            return param, "tool calls are not supported by this server's models"
+        if self.logprobs or self.top_logprobs:
+            param = "logprobs" if self.logprobs else "top_logprobs"
+            return param, "token log-probabilities are not returned by this server"
+        if self.response_format is not None and self.response_format.type != "text":
+            return (
+                "response_format",
+                f"response_format {self.response_format.type!r} is not supported; only 'text'",
+            )
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:

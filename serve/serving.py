@@ -147,6 +147,11 @@ class ChatService:
                 param="model",
                 code="model_not_found",
             )
+        if unsupported := request.unsupported():
+            param, why = unsupported
+            return ErrorResponse.make(
+                400, f"{param}: {why}.", param=param, code="unsupported_parameter"
+            )
         if (request.n or 1) > self.settings.max_n:
             return ErrorResponse.make(
                 422,

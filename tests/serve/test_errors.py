@@ -183,3 +183,58 @@ def test_failed_requests_store_nothing(api: httpx.Client) -> None:
     api.post("/chat/completions", json=with_(n=9))
     api.post("/chat/completions", json=with_(model="other"))
     assert set(client.scan_iter("loopchat:completion:*")) == before
+
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "none"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ],
+)
+def test_features_this_server_lacks_are_400_naming_the_field_not_ignored(
+    api: httpx.Client, fields: dict, param: str
+) -> None:
+    for stream in (False, True):
+        response = api.post("/chat/completions", json=with_(stream=stream, **fields))
+        error = assert_error(response, 400, param, param)
+        assert error["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [], "tool_choice": "none"},
+        {"logprobs": False, "top_logprobs": 0},
+        {"response_format": {"type": "text"}},
+    ],
+)
+def test_asking_for_none_of_those_features_is_fine(api: httpx.Client, fields: dict) -> None:
+    assert api.post("/chat/completions", json=with_(**fields)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"logprobs": "yes"}, "logprobs"),
+    ],
+)
+def test_malformed_feature_fields_are_422_naming_the_field(
+    api: httpx.Client, fields: dict, param: str
+) -> None:
+    response = api.post("/chat/completions", json=with_(**fields))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"].startswith(param)
