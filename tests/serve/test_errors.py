@@ -229,7 +229,7 @@ def test_asking_for_none_of_those_features_is_fine(api: httpx.Client, fields: di
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": [1]}, "logprobs"),
     ],
 )
 def test_malformed_feature_fields_are_422_naming_the_field(
