@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(
         default=None, description="Bearer token for /admin/* and the /ops page."
     )
+    admin_login_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Wrong admin tokens one address may present per minute (to /admin/* or the "
+        "/ops login) before it is refused (429) for the rest of the minute.",
+    )
     round_every: int = Field(
         default=64, ge=1, description="New rankings that start a learning round."
     )

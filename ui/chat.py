@@ -31,6 +31,7 @@ from serve.identity import client_identity, matching_key
 from serve.protocol import ChatCompletionRequest, ErrorResponse, FeedbackRequest
 from serve.serving import ChatService
 from serve.settings import Settings
+from ui.guards import lock_down
 
 PATH = "/chat"
 MAX_K = 4
@@ -350,6 +351,7 @@ def mount_chat(app: FastAPI) -> None:
     redirects there (the page is not mounted at ``/`` itself, where it would receive every
     path the API does not match and answer them with its own 404 instead of OpenAI's)."""
     page = build_chat_page(lambda: app.state.chat, lambda: app.state.feedback, app.state.settings)
+    lock_down(app, PATH)
     gr.mount_gradio_app(app, page, path=PATH, ssr_mode=False, css=CSS)
 
     @app.get("/", include_in_schema=False)

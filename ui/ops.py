@@ -16,8 +16,9 @@ import gradio as gr
 from fastapi import FastAPI
 from matplotlib.figure import Figure
 
-from serve.admin import AdminAuthError, AdminService, check_admin_token
+from serve.admin import AdminAuthError, AdminService, LoginThrottle
 from serve.registry import RegistryError
+from ui.guards import lock_down
 
 TABLE_HEADERS = ["version", "kind", "parent", "created", "alias", "gate", "gate reasons", "metrics"]
 # (title, where in a round record) of each curve, one panel per entry.
@@ -120,9 +121,10 @@ def history_rows(history: list[dict]) -> list[list[str]]:
     ]
 
 
-def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
+def build_ops_page(get_admin: Callable[[], AdminService], throttle: LoginThrottle) -> gr.Blocks:
     """The page; ``get_admin`` returns the service of the running app (resolved per call, so
-    the page can be built before the app's lifespan has created the registry)."""
+    the page can be built before the app's lifespan has created the registry); ``throttle``
+    counts wrong tokens per address, with the /admin API's."""
 
     def snapshot(admin: AdminService) -> tuple:
         state = admin.checkpoints()
@@ -145,22 +147,25 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     def unchanged() -> tuple:
         return (gr.update(),) * len(shown)  # `shown` is defined with the components below
 
-    def login(token: str) -> tuple:
+    def address(request: gr.Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def login(token: str, request: gr.Request) -> tuple:
         admin = get_admin()
         try:
-            check_admin_token(admin.settings.admin_token, token)
+            throttle.check(admin.settings.admin_token, token, address(request))
         except AdminAuthError as exc:
             return ("", gr.update(), gr.update(), f"**{exc}**", *unchanged())
         return (token, gr.update(visible=False), gr.update(visible=True), "", *snapshot(admin))
 
-    def act(token: str, action: Callable[[AdminService], str]) -> tuple:
+    def act(token: str, request: gr.Request, action: Callable[[AdminService], str]) -> tuple:
         """Run ``action`` as the operator; its outcome (or why it was refused) is the message.
 
         Errors are shown as the message rather than raised, so the page stays usable.
         """
         admin = get_admin()
         try:
-            check_admin_token(admin.settings.admin_token, token)
+            throttle.check(admin.settings.admin_token, token, address(request))
         except AdminAuthError as exc:
             return (f"**{exc}**", *unchanged())
         try:
@@ -169,12 +174,12 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             outcome = f"**Refused:** {exc}"
         return (outcome, *snapshot(admin))
 
-    def refresh(token: str) -> tuple:
-        return act(token, lambda admin: "")
+    def refresh(token: str, request: gr.Request) -> tuple:
+        return act(token, request, lambda admin: "")
 
     def operator(request: gr.Request) -> str:
         """Who acts, for the history: the page and the browser's address."""
-        return f"ops-page@{request.client.host if request.client else 'unknown'}"
+        return f"ops-page@{address(request)}"
 
     def promote(
         token: str, version: str | None, reason: str, force: bool, request: gr.Request
@@ -185,21 +190,21 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             state = admin.promote(version, by=operator(request), reason=reason, force=force)
             return f"Promoted {version}: live is now {state['live']}."
 
-        return act(token, run)
+        return act(token, request, run)
 
     def rollback(token: str, reason: str, request: gr.Request) -> tuple:
         def run(admin: AdminService) -> str:
             state = admin.rollback(by=operator(request), reason=reason)
             return f"Rolled back: live is now {state['live']}."
 
-        return act(token, run)
+        return act(token, request, run)
 
     def unpin(token: str, reason: str, request: gr.Request) -> tuple:
         def run(admin: AdminService) -> str:
             admin.unpin(by=operator(request), reason=reason)
             return "Unpinned: auto-promote may promote a passing candidate again."
 
-        return act(token, run)
+        return act(token, request, run)
 
     with gr.Blocks(title="loopchat · operator") as page:
         token_state = gr.State("")
@@ -251,4 +256,6 @@ def mount_ops(app: FastAPI) -> None:
     def get_admin() -> AdminService:
         return AdminService(app.state.registry, app.state.settings)
 
-    gr.mount_gradio_app(app, build_ops_page(get_admin), path="/ops", ssr_mode=False)
+    page = build_ops_page(get_admin, app.state.login_throttle)
+    lock_down(app, "/ops")
+    gr.mount_gradio_app(app, page, path="/ops", ssr_mode=False)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from serve.admin import AdminAuthError, AdminService, check_admin_token
-from serve.errors import APIError
-from serve.protocol import Text
+from serve.admin import AdminAuthError, AdminService
+from serve.errors import APIError, error_responses
+from serve.protocol import StrictBody, Text
 from serve.registry import (
     NoPrevious,
     PromotionRefused,
@@ -26,14 +26,18 @@ from serve.registry import (
 
 
 def require_admin(request: Request) -> None:
-    """Dependency: the caller presents the admin token."""
+    """Dependency: the caller presents the admin token (and has not guessed wrong too often)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" else None
+    address = request.client.host if request.client else "unknown"
     try:
-        check_admin_token(request.app.state.settings.admin_token, presented)
+        request.app.state.login_throttle.check(
+            request.app.state.settings.admin_token, presented, address
+        )
     except AdminAuthError as exc:
-        kind = "authentication_error" if exc.status == 401 else "permission_error"
-        raise APIError(exc.status, str(exc), type=kind, code="invalid_admin_token") from None
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status)
+        code = "too_many_failures" if exc.status == 429 else "invalid_admin_token"
+        raise APIError(exc.status, str(exc), type=kind or "permission_error", code=code) from None
 
 
 def admin_service(request: Request) -> AdminService:
@@ -43,10 +47,15 @@ def admin_service(request: Request) -> AdminService:
 Admin = Annotated[AdminService, Depends(admin_service)]
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 429),
+)
 
 
-class AdminAction(BaseModel):
+class AdminAction(StrictBody):
     """Optional body of rollback and unpin: who and why, kept in the registry's history."""
 
     reason: Text = Field(default="", max_length=1000)
@@ -82,7 +91,7 @@ def list_checkpoints(admin: Admin) -> dict[str, Any]:
     return admin.checkpoints()
 
 
-@router.post("/checkpoints/{version}/promote")
+@router.post("/checkpoints/{version}/promote", responses=error_responses(404, 409))
 def promote(
     version: str,
     admin: Admin,
@@ -99,7 +108,7 @@ def promote(
         raise registry_error(exc) from None
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=error_responses(409))
 def rollback(admin: Admin, request: Request, body: AdminAction | None = None) -> dict[str, Any]:
     action = body or AdminAction()
     try:

@@ -9,14 +9,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from serve.errors import error_json
+from serve.errors import error_json, error_responses
 from serve.guards import request_identity
 from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
 
-@router.post("/feedback", status_code=201, response_model=FeedbackResponse)
+@router.post(
+    "/feedback",
+    status_code=201,
+    response_model=FeedbackResponse,
+    responses=error_responses(401, 404, 409, 429),
+)
 async def post_feedback(
     body: FeedbackRequest, request: Request, identity: str = Depends(request_identity)
 ) -> JSONResponse:

@@ -17,7 +17,13 @@ async def health(request: Request) -> dict[str, str]:
     return {"status": "ok", "version": engine.version, "engine": engine.name}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}
+    },
+)
 async def prometheus_metrics(request: Request) -> Response:
     metrics.set_live_version(request.app.state.engine.version)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

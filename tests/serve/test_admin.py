@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from serve.admin import AdminAuthError, LoginThrottle
 from serve.app import create_app
 from serve.cli import main as loopchat
 from serve.events import STREAM
@@ -34,13 +35,16 @@ ROUTES = [
 ]
 
 
-def settings_for(tmp_path: Path, redis_url: str, model: Path, token: str | None) -> Settings:
+def settings_for(
+    tmp_path: Path, redis_url: str, model: Path, token: str | None, failures: int = 100
+) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url,
         model=str(model),
         engine="hf",
         admin_token=token,
+        admin_login_failures=failures,
     )
 
 
@@ -71,6 +75,39 @@ def test_admin_routes_answer_401_without_and_403_with_a_wrong_token(api: TestCli
         assert wrong.status_code == 403, path
         assert wrong.json()["error"]["type"] == "permission_error"
     assert api.get("/admin/checkpoints").status_code == 200
+
+
+def test_wrong_admin_tokens_from_one_address_are_throttled(
+    tmp_path: Path, redis_url: str, tiny_model: Path
+) -> None:
+    app = create_app(settings_for(tmp_path, redis_url, tiny_model, TOKEN, failures=3))
+    with TestClient(app) as client:
+        guesses = [
+            client.get("/admin/checkpoints", headers={"Authorization": f"Bearer guess-{i}"})
+            for i in range(4)
+        ]
+        assert [g.status_code for g in guesses] == [403, 403, 403, 429]
+        right = client.get("/admin/checkpoints", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 429  # even the right token, until the minute is over
+        error = right.json()["error"]
+        assert error["type"] == "rate_limit_error" and "retry in" in error["message"]
+
+
+def test_the_login_throttle_forgets_failures_older_than_a_minute() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(2, clock=lambda: now[0])
+    for _ in range(2):
+        with pytest.raises(AdminAuthError):
+            throttle.check("secret", "guess", "1.2.3.4")
+    with pytest.raises(AdminAuthError) as refused:
+        throttle.check("secret", "secret", "1.2.3.4")
+    assert refused.value.status == 429 and throttle.retry_after("1.2.3.4") == 60.0
+    throttle.check("secret", "secret", "5.6.7.8")  # another address is not affected
+    now[0] = 60.0
+    throttle.check("secret", "secret", "1.2.3.4")  # a minute later
+    with pytest.raises(AdminAuthError):
+        throttle.check("secret", None, "1.2.3.4")  # no token is no guess: not counted
+    assert throttle.retry_after("1.2.3.4") == 0.0
 
 
 def test_admin_routes_are_closed_until_a_token_is_configured(

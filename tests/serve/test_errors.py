@@ -112,6 +112,7 @@ def test_invalid_json_is_400(api: httpx.Client) -> None:
         (with_(top_p=0), "top_p", "greater than 0"),
         (with_(max_tokens=0), "max_tokens", "greater than or equal to 1"),
         (with_(seed=-1), "seed", "greater than or equal to 0"),
+        (with_(seed=2**53), "seed", "less than or equal to 9007199254740991"),
         (with_(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
         (with_(stream="yes please"), "stream", "boolean"),
         ([OK], None, "dictionary"),
@@ -174,7 +175,9 @@ def test_body_over_the_limit_is_413(api: httpx.Client) -> None:
 
 def test_unknown_route_and_method_keep_the_error_shape(api: httpx.Client) -> None:
     assert_error(api.get("/nowhere"), 404, None, "/v1/nowhere")
-    assert_error(api.get("/chat/completions"), 405, None, "POST")
+    wrong_method = api.get("/chat/completions")
+    assert_error(wrong_method, 405, None, "POST")
+    assert wrong_method.headers["allow"] == "POST"
 
 
 def test_failed_requests_store_nothing(api: httpx.Client) -> None:
