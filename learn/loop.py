@@ -18,8 +18,11 @@ committed. Every usable ranking reaches training exactly once (:func:`select_ran
 round trains on its new rankings and on those the previous round held out, and holds out the
 newest share (``heldout_fraction``) of them from the reward model *and* the learner, for the
 gate; those are trained on in the next round. Rankings that order nothing (all tied, all bad)
-are consumed and counted by reason (``loopchat:loop:unusable``). The reward model also replays
-the ``rm_replay`` rankings before them, warm-starting from the previous one.
+are consumed and counted by reason (``loopchat:loop:unusable``). No identity (API key or
+address) holds more than ``max_identity_share`` of a round: the surplus of one that does is
+consumed untrained (``learn.identity_caps``; counted in the record's ``data_window.capped``).
+The reward model also replays the ``rm_replay`` rankings before them, warm-starting from the
+previous one.
 
 **Continuity.** The learner (``LOOPCHAT_LEARNER``: ppo, rloo, dpo or bon; ``learn.learner``)
 starts from the previous round's candidate and trainer state whether or not it was promoted
@@ -57,13 +60,15 @@ ops page:
      "rankings_new": int,          # new rankings this round consumed (each counted once)
      "rankings_total": int,        # rankings in the stream when the round read it
      "rankings_unusable": {"all_tied": int, "all_bad": int},   # of the new ones
-     "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int},
+     "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int,
+                     "capped": int},
      "live": "vN", "start": "vN", "reference": "vN",   # live, the learner's start, SFT
      "learner": "rloo",
      "rm": {"version": "rm-N", ...learn.reward metrics: heldout_accuracy, reward_mean, ...},
      "policy": {...the learner's metrics (learn.ppo / rloo / dpo / bon)},
      "gate": {"passed": bool, "reasons": [...], "reason": str, ...numbers (learn.gate)},
      "candidate": "vN", "promoted": bool,   # promoted on the gate alone only with A/B off
+     "promote_refused": str | None,    # why auto-promote did not (a rollback pins live)
      "ab_under_test": "vM" | null,   # the candidate kept in mixed slates (vN did not replace it)
      "timings": {"read", "reward", "learn", "register", "gate", "total"}}   # seconds
 
@@ -102,6 +107,7 @@ from learn.bon import BoNConfig
 from learn.data import ptx_texts
 from learn.dpo import DPOConfig
 from learn.gate import GateConfig, evaluate_gate
+from learn.identity_caps import cap_per_identity
 from learn.learner import RoundData, learner, load_state
 from learn.modeling import LoraOptions
 from learn.ppo import PPOConfig
@@ -122,7 +128,7 @@ from serve.events import (
     round_key,
     unusable_reason,
 )
-from serve.registry import Registry
+from serve.registry import Pinned, Registry
 from serve.settings import Settings
 from serve.store import resolve_redis_url, sync_client
 
@@ -168,6 +174,14 @@ class LoopConfig:
     )
     max_heldout: int = field(
         default=64, metadata={"help": "Cap on held-out rankings (the gate scores each one)."}
+    )
+    max_identity_share: float = field(
+        default=0.25,
+        metadata={
+            "help": "Most of a round's rankings (trained on, held out, replayed) one identity "
+            "(API key or address, not the `user` label) may hold; the rest of its rankings "
+            "are consumed untrained (learn/identity_caps.py). 1 = no cap."
+        },
     )
     max_prompts: int = field(
         default=1024,
@@ -345,6 +359,7 @@ class RoundRankings:
     heldout: list[Entry]  # the newest usable share: judged by the gate, trained on next round
     replay: list[Entry]  # older rankings the reward model sees again (steadiness, not counting)
     unusable: dict[str, int]  # new rankings that order nothing, by reason
+    capped: int = 0  # usable rankings left out: their identity was over its share of the round
 
     def window(self) -> dict[str, Any]:
         used = self.train + self.heldout
@@ -354,6 +369,7 @@ class RoundRankings:
             "train": len(self.train),
             "heldout": len(self.heldout),
             "replay": len(self.replay),
+            "capped": self.capped,
         }
 
 
@@ -363,8 +379,9 @@ def select_rankings(
     """Train on what is new (and what the last round held out), hold out the newest share.
 
     ``carried`` are the ids the previous round held out; they were consumed then, so they are
-    trained on now. Of the usable ones, the newest ``heldout_fraction`` (at least one when there
-    are two or more, at most ``max_heldout``) is held out of every training this round.
+    trained on now. Each identity keeps at most its share of them (``max_identity_share``,
+    ``learn.identity_caps``). Of the rest, the newest ``heldout_fraction`` (at least one when
+    there are two or more, at most ``max_heldout``) is held out of every training this round.
     """
     unusable: dict[str, int] = {}
     for _, event in new:
@@ -372,6 +389,7 @@ def select_rankings(
             unusable[reason] = unusable.get(reason, 0) + 1
     fresh_ids = {entry_id for entry_id, _ in new} | carried
     pool = [(i, e) for i, e in everything if i in fresh_ids and unusable_reason(e) is None]
+    pool, capped = cap_per_identity(pool, config.max_identity_share)
     n_held = 0
     if len(pool) >= 2 and config.heldout_fraction > 0:
         n_held = min(
@@ -380,7 +398,8 @@ def select_rankings(
     train, heldout = pool[: len(pool) - n_held], pool[len(pool) - n_held :]
     older = [(i, e) for i, e in everything if i not in fresh_ids and unusable_reason(e) is None]
     replay = older[-config.rm_replay :] if config.rm_replay else []
-    return RoundRankings(train, heldout, replay, unusable)
+    replay, _ = cap_per_identity(replay, config.max_identity_share)
+    return RoundRankings(train, heldout, replay, unusable, capped)
 
 
 def distinct_prompts(
@@ -538,7 +557,13 @@ def finish_promotion(registry: Registry, record: dict[str, Any]) -> None:
             record["candidate"],
         )
         return
-    registry.promote(record["candidate"], by="loop", reason=f"round {record['round']}: gate passed")
+    try:
+        registry.promote(
+            record["candidate"], by="loop", reason=f"round {record['round']}: gate passed",
+            automatic=True,
+        )  # fmt: skip
+    except Pinned as exc:  # an operator rolled back between the commit and now
+        log.warning("round %s: not promoting %s: %s", record["round"], record["candidate"], exc)
 
 
 def _round(
@@ -661,8 +686,6 @@ def _round(
         # needs more rankings than a round brings, so replacing it every round would never let
         # one finish. This round's version is still gated, and the learner continues from it.
         under_test = registry.gated_candidate() if settings.ab_share > 0 else None
-        if under_test is None:
-            registry.set_candidate(candidate)
         timings["register"] = time.time() - t
 
     # 4. Gate: on the held-out rankings, which neither the reward model nor the policy saw.
@@ -672,13 +695,20 @@ def _round(
         distinct_prompts(heldout, config.gate.prompts), config.gate,
     )  # fmt: skip
     registry.record_gate(candidate, gate)
+    if under_test is None:
+        registry.set_candidate(candidate)  # only now: the candidate alias names gated versions
     timings["gate"] = time.time() - t
 
-    # 5. Promote a passing candidate if the operator allowed it (after the commit, in
-    # run_round: finish_promotion); otherwise it waits. With online A/B on, a passing candidate
-    # goes to mixed slates instead and the users' win rate decides (serve.ab.Referee).
+    # 5. Promote a passing candidate if the operator allowed it and no rollback pins live (after
+    # the commit, in run_round: finish_promotion); otherwise it waits. With online A/B on, a
+    # passing candidate goes to mixed slates instead and the users' win rate decides
+    # (serve.ab.Referee).
     lock.ensure_held()
     promoted = bool(settings.auto_promote and gate["passed"] and settings.ab_share == 0)
+    promote_refused = None
+    if promoted and (pin := registry.pin()) is not None:
+        promoted = False
+        promote_refused = f"live is pinned by {pin['by']}'s rollback to {pin['version']}"
 
     new_ids = [entry_id for entry_id, _ in new]
     timings["total"] = time.time() - started
@@ -701,6 +731,7 @@ def _round(
         "gate": gate,
         "candidate": candidate,
         "promoted": promoted,
+        "promote_refused": promote_refused,
         "ab_under_test": under_test,
         "continue_from": {
             "learner": config.learner,

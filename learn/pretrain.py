@@ -311,7 +311,7 @@ def train_causal_lm(
     )  # fmt: skip
     step, elapsed, tokens, history = 0, 0.0, 0, []
     if config.resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location=device, weights_only=False)
+        state = torch.load(resume_file, map_location=device, weights_only=True)  # no code
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, tokens, history = (state[k] for k in ("step", "elapsed", "tokens",

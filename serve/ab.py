@@ -172,7 +172,7 @@ class Referee:
         )
         if verdict.action == "promote":
             try:
-                self.registry.promote(candidate, by="ab", reason=summary)
+                self.registry.promote(candidate, by="ab", reason=summary, automatic=True)
             except RegistryError as exc:
                 log.warning("A/B would promote %s but the registry refused: %s", candidate, exc)
                 return None

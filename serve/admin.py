@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -62,6 +65,49 @@ def check_admin_token(configured: str | None, presented: str | None) -> None:
         raise AdminAuthError(403, "wrong admin token")
 
 
+class LoginThrottle:
+    """Wrong admin tokens per client address, in this process: after ``limit`` in a minute,
+    the address is refused (429, whatever token it presents) until the oldest leaves the
+    minute. Guessing the token from one address then takes ``limit`` tries a minute."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, address: str) -> deque[float]:
+        failures = self._failures.setdefault(address, deque())
+        while failures and failures[0] <= self.clock() - self.WINDOW_S:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]  # the map holds only addresses failing right now
+        return failures
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: it may now)."""
+        failures = self._recent(address)
+        if len(failures) < self.limit:
+            return 0.0
+        return failures[0] + self.WINDOW_S - self.clock()
+
+    def check(self, configured: str | None, presented: str | None, address: str) -> None:
+        """:func:`check_admin_token`, refused with 429 while ``address`` is throttled; a wrong
+        or missing token counts against it."""
+        wait = self.retry_after(address)
+        if wait > 0:
+            raise AdminAuthError(
+                429, f"too many wrong admin tokens from this address; retry in {wait:.0f} s"
+            )
+        try:
+            check_admin_token(configured, presented)
+        except AdminAuthError:
+            if configured and presented:  # a guess (no token, or access disabled, is none)
+                self._failures.setdefault(address, deque()).append(self.clock())
+            raise
+
+
 class AdminService:
     """Checkpoints, promotion, rollback and the learning loop's progress."""
 
@@ -74,19 +120,31 @@ class AdminService:
         return self.registry.client
 
     def checkpoints(self) -> dict[str, Any]:
-        """Aliases and every version, oldest first (the ``GET /admin/checkpoints`` body)."""
+        """Aliases, the pin and every version, oldest first (``GET /admin/checkpoints``)."""
         versions = [{f: m.get(f) for f in VERSION_FIELDS} for m in self.registry.versions()]
-        return json_safe({**self.registry.aliases(), "versions": versions})
+        return json_safe(
+            {**self.registry.aliases(), "pin": self.registry.pin(), "versions": versions}
+        )
 
-    def promote(self, version: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
-        """Make ``version`` live; returns the aliases after. Registry errors propagate."""
+    def state(self) -> dict[str, Any]:
+        """The aliases and the pin: what promote, rollback and unpin answer."""
+        return {**self.registry.aliases(), "pin": self.registry.pin()}
+
+    def promote(self, version: str, *, by: str, reason: str, force: bool = False) -> dict[str, Any]:
+        """An operator makes ``version`` live (lifting any pin); returns the state after.
+        Registry errors propagate (a missing or failed gate without ``force``, ...)."""
         self.registry.promote(version, by=by, reason=reason, force=force)
-        return self.registry.aliases()
+        return self.state()
 
-    def rollback(self, by: str, reason: str) -> dict[str, Any]:
-        """Make the previous version live again; returns the aliases after."""
+    def rollback(self, *, by: str, reason: str) -> dict[str, Any]:
+        """Make the previous version live again, pinned; returns the state after."""
         self.registry.rollback(by=by, reason=reason)
-        return self.registry.aliases()
+        return self.state()
+
+    def unpin(self, *, by: str, reason: str) -> dict[str, Any]:
+        """Let automatic promotion resume; returns the state after."""
+        self.registry.unpin(by=by, reason=reason)
+        return self.state()
 
     def history(self) -> list[dict]:
         """Every change of the live version, oldest first."""

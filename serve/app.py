@@ -4,8 +4,9 @@
 Redis (embedded when no URL is configured), makes sure the registry has a live version (the first
 start registers the configured or default model), starts the engine on it and exposes on
 ``app.state``: ``settings``, ``redis`` (async client), ``redis_url``, ``registry``, ``engine``,
-``candidate`` (the online A/B candidate's engine holder), ``chat``, ``feedback``. Things that
-start with the app are entered into one exit stack, so they stop in reverse order.
+``candidate`` (the online A/B candidate's engine holder), ``chat``, ``feedback`` (and, from
+creation, ``login_throttle``: wrong admin tokens per address). Things that start with the app
+are entered into one exit stack, so they stop in reverse order.
 
 This module imports nothing above ``serve``: the pages (``ui``) and the built-in model
 (``learn``) are handed in by the composition root, ``loopchat up`` (``serve.cli.up.build_app``).
@@ -24,6 +25,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from serve.ab import Referee, RefereeTask
+from serve.admin import LoginThrottle
 from serve.engine import make_engine
 from serve.errors import install_error_handlers
 from serve.feedback import FeedbackService
@@ -120,6 +122,7 @@ def create_app(
         title="loopchat", version="0.1.0", lifespan=partial(lifespan, default_model=default_model)
     )
     app.state.settings = settings
+    app.state.login_throttle = LoginThrottle(settings.admin_login_failures)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(feedback.router)  # first: the busiest route, matched before the others

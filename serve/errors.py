@@ -10,6 +10,7 @@ Schema violations are 422 and name the field in ``param``; a body that is not JS
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -17,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.protocol import ErrorResponse
+from serve.logsafe import printable
+from serve.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("loopchat.serve")
 
@@ -33,9 +35,32 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.response = ErrorResponse.make(status_code, message, type=type, param=param, code=code)
+        self.headers = headers or {}
+
+
+ERROR_MEANINGS = {
+    400: "Bad request: a body that is not JSON, or a parameter this server does not support.",
+    401: "Missing or wrong bearer token.",
+    403: "Wrong admin token, or admin access disabled.",
+    404: "Unknown model, completion, version or endpoint.",
+    409: "Conflict: already ranked; a promotion or rollback refused.",
+    413: "The request body or comment is over its limit.",
+    422: "A field is invalid (``param`` names it).",
+    429: "Over this API key's (or address's) rate limit.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes that may answer these statuses, in OpenAI's error shape
+    (body-parsing failures, 400/413/422, are possible on every route and always included)."""
+    return {
+        status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]}
+        for status in sorted({400, 413, 422, *statuses})
+    }
 
 
 def error_json(error: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -92,8 +117,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.response.status_code == 401 else None
-        return error_json(exc.response, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.response.status_code == 401 else {}
+        return error_json(exc.response, {**headers, **exc.headers})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,7 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, printable(request.url.path))
         error = ErrorResponse.make(
             500, "Internal server error (details are in the server log).", type="server_error"
         )

@@ -24,13 +24,14 @@ class FeedbackEvent(TypedDict):
     """One ranking, self-contained: everything a learner needs, with no completion to look up
     (completions expire; rankings are training data for good)."""
 
-    id: str  # "fb-<hex>", also the dedupe value of (completion, user)
+    id: str  # "fb-<hex>", also the dedupe value of (completion, identity)
     completion_id: str
     messages: Messages  # the prompt conversation the candidates answer
     candidates: list[str]  # the answers' text, from the stored completion (never the client)
     ranking: list[list[int]]  # best-to-worst tie groups of candidate indices
     all_bad: bool
-    user: str | None
+    user: str | None  # the client's label (free to choose: not who sent it)
+    identity: str  # who sent it (serve.identity): a key's hash or an address; absent in old events
     comment: str | None
     version: str  # live's checkpoint when the candidates were produced (system_fingerprint)
     versions: NotRequired[list[str]]  # per candidate (two in an A/B mixed slate); older: none

@@ -7,7 +7,7 @@ ranking costs two round trips to Redis, each one Lua script (shared with concurr
 scripts in one pipeline, ``serve.store.PipelinedScripts``): the first logs the post in the rate
 limit and reads the completion; the second checks for a duplicate, appends the event, counts
 it for the loop trigger and, for a mixed slate of online A/B, records its cross-version pairs
-(``serve.ab``), atomically: two racing posts of the same (completion, user) store
+(``serve.ab``), atomically: two racing posts of the same (completion, identity) store
 exactly one event, and the event is in Redis before the 201 goes out. The learner's side of the
 stream is ``serve.events.FeedbackLog``.
 """
@@ -35,23 +35,29 @@ from serve.events import (
 from serve.loop_trigger import CLAIM_ROUND_LUA, LoopTrigger
 from serve.protocol import ErrorResponse, FeedbackRequest, FeedbackResponse
 from serve.settings import Settings
-from serve.store import Completion, PipelinedScripts, completion_key, key
+from serve.store import (
+    RATE_WINDOW_LUA,
+    Completion,
+    PipelinedScripts,
+    completion_key,
+    key,
+    rate_window_key,
+)
 
 logger = logging.getLogger(__name__)
 
 # Log one post in the sender's sliding rate-limit window and read the completion it ranks.
-# KEYS: window, completion; ARGV: now, now - 60, the post's id. Answers {posts in the window,
-# completion JSON or nil}. A script rather than a MULTI pipeline: the same single round trip,
-# at a fraction of the client's CPU (one command to pack and one reply to parse, not seven).
-_ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
-local posts = redis.call('ZCARD', KEYS[1])
-redis.call('EXPIRE', KEYS[1], 60)
-return {posts, redis.call('GET', KEYS[2])}
+# KEYS: window, completion; ARGV: now, the post's id. Answers {posts in the window, completion
+# JSON or nil}. A script rather than a MULTI pipeline: the same single round trip, at a
+# fraction of the client's CPU (one command to pack and one reply to parse, not seven).
+_ADMIT = (
+    RATE_WINDOW_LUA
+    + """
+return {rate_window(KEYS[1], tonumber(ARGV[1]), ARGV[2]), redis.call('GET', KEYS[2])}
 """
+)
 
-# Refuse a second ranking of (completion, user), or append the event, count it for the loop
+# Refuse a second ranking of (completion, identity), or append the event, count it for the loop
 # trigger and (a mixed slate of online A/B: ARGV[5] not empty) append its cross-version pairs
 # to the A/B list, keeping its newest ARGV[6], atomically: all or nothing. KEYS: dedupe,
 # stream, loop counter, A/B list; ARGV: event JSON, event id, dedupe TTL, round_every, pairs
@@ -80,7 +86,7 @@ return {1, entry, claim_round(KEYS[3], tonumber(ARGV[4]))}
 )
 
 
-def _error(status: int, message: str, param: str, code: str) -> ErrorResponse:
+def _error(status: int, message: str, param: str | None, code: str) -> ErrorResponse:
     kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
     return ErrorResponse.make(status, message, type=kind, param=param, code=code)
 
@@ -105,39 +111,35 @@ class FeedbackService:
         self.trigger = LoopTrigger(client, settings)
 
     async def _admit(
-        self, subject: str, completion_id: str, post_id: str
+        self, identity: str, completion_id: str, post_id: str
     ) -> tuple[bool, Completion | None]:
-        """Log post ``post_id`` by ``subject`` and fetch the completion it ranks, in one round trip.
-
-        Returns whether ``subject`` made more than the limit in the last minute, and the stored
-        completion (None if missing or expired). The limit is a sliding window (a sorted set of
-        post times), so no burst of twice the limit fits across a minute boundary; refused
-        posts count too, so hammering keeps a client refused.
-        """
-        now = time.time()
-        window = key("ratelimit", "feedback", subject)
+        """Log post ``post_id`` by ``identity`` and fetch the completion it ranks, in one round
+        trip. Returns whether ``identity`` made more than the limit in the last minute (a
+        sliding window, ``RATE_WINDOW_LUA``), and the stored completion (None if missing or
+        expired)."""
+        window = rate_window_key("feedback", identity)
         count, raw = await self._scripts.run(
-            self._admit_script, [window, completion_key(completion_id)], [now, now - 60, post_id]
+            self._admit_script, [window, completion_key(completion_id)], [time.time(), post_id]
         )
         return count > self.settings.feedback_rate, Completion.from_json(raw) if raw else None
 
     async def submit(
-        self, request: FeedbackRequest, api_key: str | None, client_address: str | None
+        self, request: FeedbackRequest, identity: str
     ) -> FeedbackResponse | ErrorResponse:
         """Validate ``request`` against its stored completion and store it as one event.
 
-        ``api_key`` is the caller's key (None when keys are off); ``client_address`` stands in
-        for the user in the rate limit when the request names none.
+        ``identity`` is who sent it, as the server established (``serve.identity``): the one
+        ranking per completion, the rate limit and the event's ``identity`` are that, whatever
+        ``user`` label the request carries.
         """
-        subject = request.user or f"addr:{client_address or 'unknown'}"
         post_id = secrets.token_hex(16)  # the post's entry in the rate limit, and its event's id
-        over_rate, completion = await self._admit(subject, request.completion_id, post_id)
+        over_rate, completion = await self._admit(identity, request.completion_id, post_id)
         if over_rate:
             return _error(
                 429,
-                f"more than {self.settings.feedback_rate} rankings per minute from this user; "
-                "retry in a minute",
-                "user",
+                f"more than {self.settings.feedback_rate} rankings per minute from this API key "
+                "or address; retry in a minute",
+                None,
                 "rate_limit_exceeded",
             )
         if request.comment is not None and len(request.comment) > self.settings.max_comment_chars:
@@ -148,7 +150,7 @@ class FeedbackService:
                 "comment",
                 "comment_too_long",
             )
-        if completion is None or (self.settings.api_keys and completion.api_key != api_key):
+        if completion is None or (self.settings.api_keys and completion.identity != identity):
             # Someone else's completion is reported as missing, so ids cannot be probed.
             return _error(
                 404,
@@ -171,12 +173,13 @@ class FeedbackService:
             "ranking": groups,
             "all_bad": request.all_bad,
             "user": user,
+            "identity": identity,
             "comment": request.comment,
             "version": completion.version,
             "versions": versions,
             "time": time.time(),
         }
-        dedupe = key("ranked", completion.id, user or "")
+        dedupe = key("ranked", completion.id, identity)
         mixed = mixed_record(event["id"], groups, versions) if len(set(versions)) > 1 else ""
         stored, value, claimed_round = await self._scripts.run(
             self._store_once,
@@ -193,7 +196,8 @@ class FeedbackService:
         if not stored:
             return _error(
                 409,
-                f"completion {completion.id!r} was already ranked by this user (ranking {value})",
+                f"completion {completion.id!r} was already ranked by this API key or address "
+                f"(ranking {value})",
                 "completion_id",
                 "already_ranked",
             )

@@ -1,13 +1,13 @@
-"""Request guards shared by every route: client API keys and the request-body size limit."""
+"""Request guards shared by every route: client API keys, the caller's identity and the
+request-body size limit."""
 
 from __future__ import annotations
 
-import hmac
-
-from fastapi import Request
+from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import APIError, error_json
+from serve.identity import client_identity, matching_key
 from serve.protocol import ErrorResponse
 
 
@@ -22,14 +22,24 @@ async def require_client_key(request: Request) -> str | None:
     if not keys:
         return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and any(hmac.compare_digest(token, k) for k in keys):
-        return token
+    # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent
+    sent = token.strip().encode("latin-1")
+    key = matching_key(sent, keys) if scheme.lower() == "bearer" else None
+    if key is not None:
+        return key
     raise APIError(
         401,
         "Missing or incorrect API key: send `Authorization: Bearer <key>`.",
         code="invalid_api_key",
     )
+
+
+async def request_identity(
+    request: Request, api_key: str | None = Depends(require_client_key)
+) -> str:
+    """FastAPI dependency: who the request is from (``serve.identity``): the API key's hash, or
+    the client address when keys are off. What dedupe, rate limits and learning caps count."""
+    return client_identity(api_key, request.client.host if request.client else None)
 
 
 class BodySizeLimit:

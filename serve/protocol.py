@@ -8,9 +8,17 @@ rejected with the field named before any work is done. The one conversion to eng
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from serve.engine.base import SamplingOptions
 
@@ -31,7 +39,10 @@ def _encodable(text: str) -> str:
 # Every free text a client sends: valid Unicode, so nothing downstream fails on it.
 Text = Annotated[str, AfterValidator(_encodable)]
 
-SEED_MAX = 2**63 - 1 - 64  # candidate i samples with seed + i; stays a valid 64-bit seed
+# Candidate i samples with seed + i, so seed + 16 must stay a valid 64-bit seed; and the bound
+# must be exact in a double (JSON Schema numbers are doubles to most readers: with 2**63 - 65 a
+# schema-driven client computed its own limit as 2**63 and sent seeds this server refused).
+SEED_MAX = 2**53 - 1
 
 
 class ErrorInfo(BaseModel):
@@ -41,10 +52,15 @@ class ErrorInfo(BaseModel):
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
-    """OpenAI's error body; ``status_code`` is the HTTP status (not part of the body)."""
+class ErrorBody(BaseModel):
+    """OpenAI's error body, as it is sent (and documented in ``/openapi.json``)."""
 
     error: ErrorInfo
+
+
+class ErrorResponse(ErrorBody):
+    """An error to send: the body and ``status_code``, the HTTP status (not part of the body)."""
+
     status_code: int = Field(default=400, exclude=True)
 
     @classmethod
@@ -63,14 +79,22 @@ class ErrorResponse(BaseModel):
         )
 
 
-class TextPart(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: strict types, so ``"n": true`` or ``"top_logprobs": false`` is a 422
+    naming the field, not a 1 or a 0 (a schema-violating request is refused, not reinterpreted).
+    Unknown extra fields are ignored, as OpenAI's SDKs expect."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class TextPart(StrictBody):
     """A text content part (``content`` may be a list of these, as the OpenAI API allows)."""
 
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictBody):
     role: Role
     content: Text | list[TextPart]
     name: Text | None = None
@@ -82,16 +106,45 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ResponseFormat(StrictBody):
+    """``response_format``: only ``text`` is served (see ``ChatCompletionRequest.unsupported``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(StrictBody):
     """``POST /v1/chat/completions``. Unknown extra fields are ignored, as OpenAI's SDKs expect.
 
     ``n`` is bounded here by what any deployment allows; the serving layer applies the
-    configured ``max_n``.
+    configured ``max_n``. ``tools``, ``tool_choice``, ``logprobs``, ``top_logprobs`` and
+    ``response_format`` are declared so that asking for what this server cannot do is refused
+    naming the field (:meth:`unsupported`) instead of being ignored with a 200.
     """
+
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "loopchat",
+                    "messages": [{"role": "user", "content": "What is 12 + 30?"}],
+                    "n": 2,
+                    "max_tokens": 8,
+                },
+                {
+                    "model": "loopchat",
+                    "messages": [{"role": "user", "content": "Hello!"}],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        },
+    )
 
     model: Text = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -105,6 +158,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(default=None, max_length=256)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -113,6 +171,25 @@ class ChatCompletionRequest(BaseModel):
         if value == 0 and (info.data.get("n") or 1) > 1:
             raise ValueError("must be above 0 when n > 1 (greedy candidates are all the same)")
         return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(param, why)`` for the first thing asked that this server does not do, or None.
+
+        The served models are plain chat models without tool-call or JSON-constrained
+        decoding, and the engines return no token log-probabilities.
+        """
+        if self.tools or self.tool_choice not in (None, "none"):
+            param = "tools" if self.tools else "tool_choice"
+            return param, "tool calls are not supported by this server's models"
+        if self.logprobs or self.top_logprobs:
+            param = "logprobs" if self.logprobs else "top_logprobs"
+            return param, "token log-probabilities are not returned by this server"
+        if self.response_format is not None and self.response_format.type != "text":
+            return (
+                "response_format",
+                f"response_format {self.response_format.type!r} is not supported; only 'text'",
+            )
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -209,12 +286,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(StrictBody):
     """``POST /v1/feedback``: candidate indices best to worst; an inner list is a tie group.
 
     Whether the indices fit the completion (each once, none missing) is checked against the
     stored completion by ``serve.feedback``; the comment's length limit is a setting.
     """
+
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            "examples": [{"completion_id": "chatcmpl-…", "ranking": [[1], [0]], "user": "me"}]
+        },
+    )
 
     completion_id: Text = Field(min_length=1, max_length=128)
     ranking: list[StrictInt | list[StrictInt]] = Field(max_length=64)

@@ -26,8 +26,16 @@ why) and announced on :data:`CHANNEL`, which serving processes follow to hot-swa
 A version whose weights are not all finite is never promoted, whatever its gate says and even
 with ``force``: finiteness is checked here, when the version is registered, so no caller can
 bypass it. The gate itself (``record_gate``) is written by the learning loop; its dict must hold
-``passed: bool`` and should say why in ``reasons`` (a list of strings); a failed gate blocks
-promotion unless ``force``.
+``passed: bool`` and should say why in ``reasons`` (a list of strings). Only a version whose gate
+passed goes live: one with a failed gate *or none yet* needs ``force``, which needs a reason and
+is marked ``forced`` in the history. These checks live in :meth:`Registry.promote`, so every
+caller (HTTP, CLI, ops page, the loop, any automatic promoter) gets them. The candidate alias
+only ever names a gated version (``set_candidate`` refuses one without a gate result).
+
+**The pin.** A rollback pins live: automatic promotions (``automatic=True``: the learning loop's
+auto-promote, any other promoter that is not an operator) are refused (``Pinned``) until an
+operator lifts the pin, by ``unpin`` or by promoting a version themselves. So the loop cannot
+undo an operator's rollback a round later.
 
 Retention: ``prune(keep)`` deletes all but the newest ``keep`` policies and reward models, never
 live, previous, the candidate or the newest ``sft`` version (PPO's KL reference). A registry made
@@ -38,10 +46,14 @@ Redis keys (prefix ``loopchat:registry:``):
 - ``seq:policy``, ``seq:reward`` — counters handing out version numbers.
 - ``versions`` — sorted set of visible versions, scored by creation time.
 - ``version:<v>`` — hash: ``meta`` (JSON written once at registration), ``gate`` (JSON, later).
-- ``alias:candidate`` — the candidate version (absent when none, or once retired).
+- ``alias:candidate`` — the candidate version (absent when none, or once retired); always a
+  gated version.
+- ``pin`` — JSON ``{"version", "by", "reason", "time"}`` while a rollback pins live (absent
+  otherwise).
 - ``live_stack`` — list of live versions, newest first: index 0 is ``live``, index 1 ``previous``.
 - ``history`` — list of JSON events, oldest first: ``{"time", "action", "version", "from",
-  "by", "reason"}`` with action ``promote`` | ``rollback`` | ``bootstrap``.
+  "by", "reason", "forced"}`` with action ``promote`` | ``rollback`` | ``bootstrap`` |
+  ``unpin`` (``forced``: promoted by ``force`` past a failed or missing gate).
 - ``lock:bootstrap`` — lock so that processes starting together register one first version.
 - channel ``loopchat:registry:events`` — JSON ``{"alias", "version"}`` on every alias change,
   and ``{"alias": "candidate", …}`` again when the candidate's gate is recorded.
@@ -110,6 +122,24 @@ class GateFailed(PromotionRefused):
     """The gate failed; ``force`` overrides."""
 
     code = "gate_failed"
+
+
+class NotGated(PromotionRefused):
+    """The version has no gate result yet; ``force`` overrides, for an operator."""
+
+    code = "not_gated"
+
+
+class Pinned(PromotionRefused):
+    """An operator's rollback pinned live; automatic promotions wait until it is lifted."""
+
+    code = "live_pinned"
+
+
+class ReasonRequired(RegistryError):
+    """A forced promotion without a reason: ``force`` is audited, so it must say why."""
+
+    code = "reason_required"
 
 
 class NoPrevious(RegistryError):
@@ -343,10 +373,14 @@ class Registry:
         self.client.publish(CHANNEL, json.dumps({"alias": alias, "version": version}))
 
     def set_candidate(self, version: str) -> None:
-        """Mark a policy version as the candidate waiting for the gate or an operator."""
+        """Mark a gated policy version as the candidate waiting for an operator (or the loop's
+        auto-promote). A version without a gate result is refused (``NotGated``): whatever an
+        operator sees as "the candidate" has been judged."""
         meta = self._require(version)
         if meta["kind"] not in POLICY_KINDS:
             raise NotAPolicy(f"{version} is a {meta['kind']} model, not a policy")
+        if meta.get("gate") is None:
+            raise NotGated(f"{version} has no gate result yet; record the gate first")
         vkey = _rkey("version", version)
 
         def mark(pipe: redis.client.Pipeline) -> None:
@@ -385,24 +419,44 @@ class Registry:
         return cleared
 
     def promote(
-        self, version: str, by: str, reason: str, force: bool = False, action: str = "promote"
+        self,
+        version: str,
+        *,
+        by: str,
+        reason: str,
+        force: bool = False,
+        automatic: bool = False,
+        action: str = "promote",
     ) -> None:
         """Make ``version`` live (the old live becomes previous); no-op if already live.
 
-        Refused (``PromotionRefused``) for reward models, for non-finite weights (always), and
-        for a failed gate unless ``force``. Serving processes follow via :data:`CHANNEL`.
+        Refused (``PromotionRefused``) for reward models, for non-finite weights (always), for a
+        failed or missing gate unless ``force`` (which needs a ``reason``: ``ReasonRequired``),
+        and, when ``automatic``, while a rollback pins live (``Pinned``). A promotion that is
+        not automatic is an operator's decision and lifts the pin. ``action="bootstrap"`` is the
+        first version of an empty registry (nothing to gate it against). Serving processes
+        follow via :data:`CHANNEL`.
         """
         meta = self._require(version)
         if meta["kind"] not in POLICY_KINDS:
             raise NotAPolicy(f"{version} is a {meta['kind']} model, not a policy")
         if not meta.get("finite", False):
             raise NonFiniteWeights(f"{version} has non-finite weights (NaN or inf)")
+        if force and automatic:
+            raise RegistryError("force is an operator's decision; an automatic promotion cannot")
+        if force and not reason.strip():
+            raise ReasonRequired("a forced promotion needs a reason (it is kept in the history)")
         gate = meta.get("gate")
-        if gate is not None and not gate["passed"] and not force:
+        forced = action != "bootstrap" and (gate is None or not gate["passed"])
+        if forced and not force:
+            if gate is None:
+                raise NotGated(
+                    f"{version} has no gate result; use force (with a reason) to promote"
+                )
             raise GateFailed(
                 f"{version} failed its gate ({gate_reason(gate)}); use force to promote anyway"
             )
-        stack, cand = _rkey("live_stack"), _rkey("alias", "candidate")
+        stack, cand, pin = _rkey("live_stack"), _rkey("alias", "candidate"), _rkey("pin")
         changed: dict[str, Any] = {}
 
         def push(pipe: redis.client.Pipeline) -> None:
@@ -410,6 +464,13 @@ class Registry:
             changed.clear()
             if not pipe.exists(_rkey("version", version)):  # pruned since we looked
                 raise UnknownVersion(f"unknown version {version!r}")
+            pinned = pipe.get(pin)
+            if automatic and pinned:
+                held = json.loads(pinned)
+                raise Pinned(
+                    f"live is pinned to {held['version']} by {held['by']}'s rollback; "
+                    "an operator must unpin it (or promote) first"
+                )
             if live == version:
                 return
             clears_candidate = pipe.get(cand) == version
@@ -420,23 +481,29 @@ class Registry:
                 "from": live,
                 "by": by,
                 "reason": reason,
+                "forced": forced,
             }
             pipe.multi()
             pipe.lpush(stack, version)
             pipe.rpush(_rkey("history"), json.dumps(event))
             if clears_candidate:
                 pipe.delete(cand)
+            if not automatic:
+                pipe.delete(pin)
             changed.update(live=version, previous=live, candidate=clears_candidate)
 
-        self.client.transaction(push, stack, cand, _rkey("version", version))
+        self.client.transaction(push, stack, cand, pin, _rkey("version", version))
         if changed:
             self._publish("live", version)
             self._publish("previous", changed["previous"])
             if changed["candidate"]:
                 self._publish("candidate", None)
+        elif not automatic:  # promoting what is live already still lifts a pin
+            self.client.delete(pin)
 
     def rollback(self, by: str, reason: str) -> str:
-        """Make the previous live version live again; return it. ``NoPrevious`` if none."""
+        """Make the previous live version live again and pin it (automatic promotions wait until
+        an operator lifts the pin); return it. ``NoPrevious`` if none."""
         stack = _rkey("live_stack")
         result: dict[str, str | None] = {}
 
@@ -451,16 +518,51 @@ class Registry:
                 "from": live,
                 "by": by,
                 "reason": reason,
+                "forced": False,
             }
+            pin = {"version": previous, "by": by, "reason": reason, "time": event["time"]}
             pipe.multi()
             pipe.lpop(stack)
             pipe.rpush(_rkey("history"), json.dumps(event))
+            pipe.set(_rkey("pin"), json.dumps(pin))
             result.update(live=previous, previous=before)
 
         self.client.transaction(pop, stack)
         self._publish("live", result["live"])
         self._publish("previous", result["previous"])
         return str(result["live"])
+
+    def pin(self) -> dict | None:
+        """The rollback pinning live (``{"version", "by", "reason", "time"}``), or None."""
+        raw = self.client.get(_rkey("pin"))
+        return json.loads(raw) if raw else None
+
+    def unpin(self, by: str, reason: str) -> dict | None:
+        """Lift the pin (recorded in the history as ``unpin``); returns the lifted pin, or None
+        when live was not pinned (then nothing is recorded)."""
+        lifted: dict[str, Any] = {}
+
+        def lift(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(_rkey("pin"))
+            lifted.clear()
+            if not raw:
+                return
+            lifted.update(json.loads(raw))
+            event = {
+                "time": time.time(),
+                "action": "unpin",
+                "version": lifted["version"],
+                "from": None,
+                "by": by,
+                "reason": reason,
+                "forced": False,
+            }
+            pipe.multi()
+            pipe.delete(_rkey("pin"))
+            pipe.rpush(_rkey("history"), json.dumps(event))
+
+        self.client.transaction(lift, _rkey("pin"))
+        return lifted or None
 
     def history(self) -> list[dict]:
         """Every change of the live version, oldest first."""

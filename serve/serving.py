@@ -34,7 +34,13 @@ from serve.protocol import (
     UsageInfo,
 )
 from serve.settings import Settings
-from serve.store import Completion, CompletionStore
+from serve.store import (
+    RATE_WINDOW_LUA,
+    Completion,
+    CompletionStore,
+    PipelinedScripts,
+    rate_window_key,
+)
 
 log = logging.getLogger("loopchat.serve")
 
@@ -47,7 +53,7 @@ class _Job:
 
     id: str
     request: ChatCompletionRequest
-    api_key: str | None
+    identity: str
     messages: list[dict[str, str]]
     prompt_ids: list[int]
     options: SamplingOptions
@@ -83,13 +89,17 @@ class _Job:
             candidates=self.texts,
             version=self.version,
             user=self.request.user,
-            api_key=self.api_key,
+            identity=self.identity,
             versions=self.versions,
         )
 
 
 def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
+
+
+# KEYS: the identity's window; ARGV: now, the request's id. Answers requests in the window.
+_CHAT_ADMIT = RATE_WINDOW_LUA + "return rate_window(KEYS[1], tonumber(ARGV[1]), ARGV[2])"
 
 
 async def merge_deltas(
@@ -147,12 +157,18 @@ class ChatService:
         self.settings = settings
         self.candidate = candidate
         self._rng = np.random.default_rng()
+        self._scripts = PipelinedScripts(store.client)
+        self._admit = self._scripts.register(_CHAT_ADMIT)
 
     async def create_chat_completion(
-        self, request: ChatCompletionRequest, api_key: str | None
+        self, request: ChatCompletionRequest, identity: str
     ) -> ChatResult:
-        """A full response, an error, or (``stream=True``) SSE strings ending in ``[DONE]``."""
-        job = self._prepare(request, api_key)
+        """A full response, an error, or (``stream=True``) SSE strings ending in ``[DONE]``.
+
+        ``identity`` is who asks (``serve.identity``): the rate limit counts it, and the stored
+        completion records it so that only the same identity can rank it when keys are on.
+        """
+        job = await self._over_rate(identity) or self._prepare(request, identity)
         if isinstance(job, ErrorResponse):
             metrics.REQUESTS.labels(outcome="error").inc()
             return job
@@ -195,7 +211,21 @@ class ChatService:
             ]
         )
 
-    def _prepare(self, request: ChatCompletionRequest, api_key: str | None) -> _Job | ErrorResponse:
+    async def _over_rate(self, identity: str) -> ErrorResponse | None:
+        """A 429 when ``identity`` made more than ``chat_rate`` requests in the last minute."""
+        window = rate_window_key("chat", identity)
+        count = await self._scripts.run(self._admit, [window], [time.time(), uuid.uuid4().hex])
+        if count <= self.settings.chat_rate:
+            return None
+        return ErrorResponse.make(
+            429,
+            f"more than {self.settings.chat_rate} chat requests per minute from this API key or "
+            "address; retry in a minute",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+        )
+
+    def _prepare(self, request: ChatCompletionRequest, identity: str) -> _Job | ErrorResponse:
         if request.model != self.settings.model_name:
             return ErrorResponse.make(
                 404,
@@ -203,6 +233,11 @@ class ChatService:
                 f"{self.settings.model_name!r}.",
                 param="model",
                 code="model_not_found",
+            )
+        if unsupported := request.unsupported():
+            param, why = unsupported
+            return ErrorResponse.make(
+                400, f"{param}: {why}.", param=param, code="unsupported_parameter"
             )
         if (request.n or 1) > self.settings.max_n:
             return ErrorResponse.make(
@@ -226,7 +261,7 @@ class ChatService:
         return _Job(
             job_id,
             request,
-            api_key,
+            identity,
             messages,
             prompt_ids,
             request.sampling_options(max_tokens),

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(
         default=None, description="Bearer token for /admin/* and the /ops page."
     )
+    admin_login_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Wrong admin tokens one address may present per minute (to /admin/* or the "
+        "/ops login) before it is refused (429) for the rest of the minute.",
+    )
     round_every: int = Field(
         default=64, ge=1, description="New rankings that start a learning round."
     )
@@ -140,7 +146,16 @@ class Settings(BaseSettings):
         default=10, ge=2, description="Policy versions kept (live and previous never deleted)."
     )
     feedback_rate: int = Field(
-        default=120, ge=1, description="Rankings one user may post per minute (429 above)."
+        default=120,
+        ge=1,
+        description="Rankings one identity (an API key; the client address when keys are off) "
+        "may post per minute (429 above). The `user` field is a label and does not count.",
+    )
+    chat_rate: int = Field(
+        default=600,
+        ge=1,
+        description="Chat completion requests one identity (an API key; the client address "
+        "when keys are off) may make per minute (429 above).",
     )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body accepted (413 above)."

@@ -23,6 +23,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, KeyT
 
+from serve.identity import key_identity
 from serve.settings import Settings
 
 PREFIX = "loopchat:"
@@ -153,6 +154,25 @@ def async_client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+# A Lua function for scripts that rate-limit (chat, feedback): log one request in `window`, a
+# sorted set of request times over the last minute, and answer how many it now holds. A
+# sliding window, so no burst of twice the limit fits across a minute boundary; refused
+# requests count too, so hammering keeps a client refused.
+RATE_WINDOW_LUA = """
+local function rate_window(window, now, member)
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', now - 60)
+  redis.call('ZADD', window, now, member)
+  redis.call('EXPIRE', window, 60)
+  return redis.call('ZCARD', window)
+end
+"""
+
+
+def rate_window_key(kind: str, identity: str) -> str:
+    """The sliding window of ``identity``'s ``kind`` requests (``chat``, ``feedback``)."""
+    return key("ratelimit", kind, identity)
+
+
 @dataclass
 class _ScriptCall:
     """One caller's script run, waiting for the pipeline it goes out in."""
@@ -246,8 +266,8 @@ class Completion:
     messages: list[dict[str, str]]
     candidates: list[str]
     version: str  # live's: the version the client was told (``system_fingerprint``)
-    user: str | None = None
-    api_key: str | None = None
+    user: str | None = None  # the client's label, if it gave one
+    identity: str | None = None  # who asked (serve.identity): a key's hash, never the key
     created_at: float = field(default_factory=time.time)
     versions: list[str] | None = None  # per candidate (a mixed slate has two); None: all live's
 
@@ -260,7 +280,11 @@ class Completion:
 
     @classmethod
     def from_json(cls, raw: str) -> Completion:
-        return cls(**orjson.loads(raw))
+        fields = orjson.loads(raw)
+        legacy_key = fields.pop("api_key", None)  # stored in plaintext before identities
+        if legacy_key is not None and fields.get("identity") is None:
+            fields["identity"] = key_identity(legacy_key)
+        return cls(**fields)
 
 
 def completion_key(completion_id: str) -> str:

@@ -15,7 +15,6 @@ shown, and the candidates' text always comes from the stored completion.
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
@@ -28,9 +27,11 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from serve.feedback import FeedbackService
+from serve.identity import client_identity, matching_key
 from serve.protocol import ChatCompletionRequest, ErrorResponse, FeedbackRequest
 from serve.serving import ChatService
 from serve.settings import Settings
+from ui.guards import lock_down
 
 PATH = "/chat"
 MAX_K = 4
@@ -139,13 +140,16 @@ def build_chat_page(
             down = gr.Button("👎 Bad answer", elem_id="thumbs-down", min_width=120)
         status = gr.Markdown("", elem_id="status")
 
-        def key_of(entered: str | None) -> str | None:
-            """The API key to act with (None when keys are off); a wrong key stops the action."""
+        def identity_of(entered: str | None, request: gr.Request) -> str:
+            """Who acts (``serve.identity``): the entered API key's hash, or the browser's
+            address when keys are off. A wrong key stops the action."""
+            address = request.client.host if request.client else None
             if not settings.api_keys:
-                return None
-            if entered and any(hmac.compare_digest(entered, k) for k in settings.api_keys):
-                return entered
-            raise gr.Error("Enter a valid API key first.")
+                return client_identity(None, address)
+            key = matching_key(entered, settings.api_keys) if entered else None
+            if key is None:
+                raise gr.Error("Enter a valid API key first.")
+            return client_identity(key, address)
 
         def composing(history: list[dict], note: str = "") -> dict:
             """Back to typing: answers and rating controls hidden, the input open."""
@@ -166,13 +170,14 @@ def build_chat_page(
             n: int,
             uid: str | None,
             entered_key: str | None,
+            request: gr.Request,
         ) -> AsyncIterator[dict]:
             """Send the conversation plus ``text`` for ``n`` answers and stream them in."""
             if waiting and waiting["k"] > 1:
                 raise gr.Error("Rank the answers above first, or start a new chat.")
             if not text.strip():
                 return
-            key = key_of(entered_key)
+            identity = identity_of(entered_key, request)
             asked = [*history, {"role": "user", "content": text}]
             texts = [""] * n
             levels = [str(level) for level in range(1, n + 1)]
@@ -194,10 +199,10 @@ def build_chat_page(
                 all_bad: False,
                 comment: "",
             }
-            request = ChatCompletionRequest(
+            asking = ChatCompletionRequest(
                 model=settings.model_name, messages=asked, n=n, stream=True, user=uid
             )
-            result = await get_chat().create_chat_completion(request, key)
+            result = await get_chat().create_chat_completion(asking, identity)
             if isinstance(result, ErrorResponse):
                 yield {**composing(history, f"⚠ {result.error.message}"), message: text}
                 return
@@ -255,8 +260,7 @@ def build_chat_page(
                 user=uid,
                 comment=note.strip() or None,
             )
-            address = request.client.host if request.client else None
-            result = await get_feedback().submit(feedback, key_of(entered_key), address)
+            result = await get_feedback().submit(feedback, identity_of(entered_key, request))
             if isinstance(result, ErrorResponse):
                 raise gr.Error(result.error.message)
             thanks = f"Thanks, saved ({result.pairs} comparison{'s' * (result.pairs != 1)})."
@@ -316,7 +320,8 @@ def build_chat_page(
             }
 
         def ensure_user(uid: str | None) -> str:
-            """A stable pseudonymous id per browser: for the per-user limit, dedupe and stats."""
+            """A stable pseudonymous label per browser, stored in it: the rankings' ``user``
+            (a label for stats; limits and dedupe count the server-side identity)."""
             return uid or f"web-{uuid.uuid4().hex[:12]}"
 
         every = [
@@ -346,6 +351,7 @@ def mount_chat(app: FastAPI) -> None:
     redirects there (the page is not mounted at ``/`` itself, where it would receive every
     path the API does not match and answer them with its own 404 instead of OpenAI's)."""
     page = build_chat_page(lambda: app.state.chat, lambda: app.state.feedback, app.state.settings)
+    lock_down(app, PATH)
     gr.mount_gradio_app(app, page, path=PATH, ssr_mode=False, css=CSS)
 
     @app.get("/", include_in_schema=False)

@@ -1,5 +1,5 @@
-"""The operator page at ``/ops``: checkpoints, promote / rollback, the learning loop's curves and
-the leaderboard of versions from blind A/B in the rankings.
+"""The operator page at ``/ops``: checkpoints, promote / rollback / unpin, the learning loop's
+curves and the leaderboard of versions from blind A/B in the rankings.
 
 It reaches state only through :class:`serve.admin.AdminService` (what ``/admin/*`` calls), so
 the page and the API cannot disagree about what a promotion is. Nothing shows before the admin
@@ -17,8 +17,9 @@ import gradio as gr
 from fastapi import FastAPI
 from matplotlib.figure import Figure
 
-from serve.admin import AdminAuthError, AdminService, check_admin_token
+from serve.admin import AdminAuthError, AdminService, LoginThrottle
 from serve.registry import RegistryError
+from ui.guards import lock_down
 
 TABLE_HEADERS = ["version", "kind", "parent", "created", "alias", "gate", "gate reasons", "metrics"]
 # (title, where in a round record) of each curve, one panel per entry.
@@ -56,6 +57,14 @@ def versions_table(state: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def preselected(state: dict[str, Any]) -> str | None:
+    """The version the promote box offers first: the candidate, only if its gate passed (a
+    failed one stays listed, but promoting it is a deliberate, forced choice)."""
+    gates = {v["version"]: v["gate"] for v in state["versions"]}
+    gate = gates.get(state["candidate"])
+    return state["candidate"] if gate and gate["passed"] else None
 
 
 def loop_figure(rounds: list[dict]) -> Figure:
@@ -153,7 +162,7 @@ def history_rows(history: list[dict]) -> list[list[str]]:
     return [
         [
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"])),
-            h["action"],
+            h["action"] + (" (forced)" if h.get("forced") else ""),
             h["version"],
             h["from"] or "",
             h["by"],
@@ -163,9 +172,10 @@ def history_rows(history: list[dict]) -> list[list[str]]:
     ]
 
 
-def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
+def build_ops_page(get_admin: Callable[[], AdminService], throttle: LoginThrottle) -> gr.Blocks:
     """The page; ``get_admin`` returns the service of the running app (resolved per call, so
-    the page can be built before the app's lifespan has created the registry)."""
+    the page can be built before the app's lifespan has created the registry); ``throttle``
+    counts wrong tokens per address, with the /admin API's."""
 
     def snapshot(admin: AdminService) -> tuple:
         state = admin.checkpoints()
@@ -174,11 +184,13 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         aliases = f"**live:** {state['live']} · **previous:** {state['previous'] or '—'} · " + (
             f"**candidate:** {state['candidate'] or '—'}"
         )
+        if pin := state["pin"]:
+            aliases += f" · **pinned** by {pin['by']}'s rollback (auto-promote waits)"
         board = admin.leaderboard()
         return (
             aliases,
             versions_table(state),
-            gr.update(choices=list(reversed(policies)), value=state["candidate"]),
+            gr.update(choices=list(reversed(policies)), value=preselected(state)),
             loop_summary(loop),
             loop_figure(loop["rounds"]),
             leaderboard_summary(board),
@@ -189,22 +201,25 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
     def unchanged() -> tuple:
         return (gr.update(),) * len(shown)  # `shown` is defined with the components below
 
-    def login(token: str) -> tuple:
+    def address(request: gr.Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def login(token: str, request: gr.Request) -> tuple:
         admin = get_admin()
         try:
-            check_admin_token(admin.settings.admin_token, token)
+            throttle.check(admin.settings.admin_token, token, address(request))
         except AdminAuthError as exc:
             return ("", gr.update(), gr.update(), f"**{exc}**", *unchanged())
         return (token, gr.update(visible=False), gr.update(visible=True), "", *snapshot(admin))
 
-    def act(token: str, action: Callable[[AdminService], str]) -> tuple:
+    def act(token: str, request: gr.Request, action: Callable[[AdminService], str]) -> tuple:
         """Run ``action`` as the operator; its outcome (or why it was refused) is the message.
 
         Errors are shown as the message rather than raised, so the page stays usable.
         """
         admin = get_admin()
         try:
-            check_admin_token(admin.settings.admin_token, token)
+            throttle.check(admin.settings.admin_token, token, address(request))
         except AdminAuthError as exc:
             return (f"**{exc}**", *unchanged())
         try:
@@ -213,24 +228,37 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             outcome = f"**Refused:** {exc}"
         return (outcome, *snapshot(admin))
 
-    def refresh(token: str) -> tuple:
-        return act(token, lambda admin: "")
+    def refresh(token: str, request: gr.Request) -> tuple:
+        return act(token, request, lambda admin: "")
 
-    def promote(token: str, version: str | None, reason: str, force: bool) -> tuple:
+    def operator(request: gr.Request) -> str:
+        """Who acts, for the history: the page and the browser's address."""
+        return f"ops-page@{address(request)}"
+
+    def promote(
+        token: str, version: str | None, reason: str, force: bool, request: gr.Request
+    ) -> tuple:
         def run(admin: AdminService) -> str:
             if not version:
                 return "**Choose a version to promote.**"
-            state = admin.promote(version, by="ops-page", reason=reason, force=force)
+            state = admin.promote(version, by=operator(request), reason=reason, force=force)
             return f"Promoted {version}: live is now {state['live']}."
 
-        return act(token, run)
+        return act(token, request, run)
 
-    def rollback(token: str, reason: str) -> tuple:
+    def rollback(token: str, reason: str, request: gr.Request) -> tuple:
         def run(admin: AdminService) -> str:
-            state = admin.rollback(by="ops-page", reason=reason)
+            state = admin.rollback(by=operator(request), reason=reason)
             return f"Rolled back: live is now {state['live']}."
 
-        return act(token, run)
+        return act(token, request, run)
+
+    def unpin(token: str, reason: str, request: gr.Request) -> tuple:
+        def run(admin: AdminService) -> str:
+            admin.unpin(by=operator(request), reason=reason)
+            return "Unpinned: auto-promote may promote a passing candidate again."
+
+        return act(token, request, run)
 
     with gr.Blocks(title="loopchat · operator") as page:
         token_state = gr.State("")
@@ -248,10 +276,14 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
             with gr.Row():
                 version = gr.Dropdown(label="Version", choices=[], elem_id="promote-version")
                 reason = gr.Textbox(label="Reason (kept in the history)", elem_id="reason")
-                force = gr.Checkbox(label="Force (ignore a failed gate)", elem_id="force")
+                force = gr.Checkbox(
+                    label="Force (ignore a failed or missing gate; needs a reason)",
+                    elem_id="force",
+                )
             with gr.Row():
                 promote_button = gr.Button("Promote", variant="primary", elem_id="promote")
                 rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
+                unpin_button = gr.Button("Unpin", elem_id="unpin")
                 refresh_button = gr.Button("Refresh", elem_id="refresh")
             loop_text = gr.Markdown(elem_id="loop")
             plot = gr.Plot(label="Per round", elem_id="loop-plot")
@@ -270,6 +302,7 @@ def build_ops_page(get_admin: Callable[[], AdminService]) -> gr.Blocks:
         refresh_button.click(refresh, [token_state], [message, *shown])
         promote_button.click(promote, [token_state, version, reason, force], [message, *shown])
         rollback_button.click(rollback, [token_state, reason], [message, *shown])
+        unpin_button.click(unpin, [token_state, reason], [message, *shown])
     return page
 
 
@@ -279,4 +312,6 @@ def mount_ops(app: FastAPI) -> None:
     def get_admin() -> AdminService:
         return AdminService(app.state.registry, app.state.settings)
 
-    gr.mount_gradio_app(app, build_ops_page(get_admin), path="/ops", ssr_mode=False)
+    page = build_ops_page(get_admin, app.state.login_throttle)
+    lock_down(app, "/ops")
+    gr.mount_gradio_app(app, page, path="/ops", ssr_mode=False)

@@ -265,6 +265,9 @@ def service(
         LOOPCHAT_REDIS_URL=redis_url,
         LOOPCHAT_ADMIN_TOKEN=token,
         LOOPCHAT_CHECKPOINTS=str(data_dir / "checkpoints"),
+        # a benchmark is one client (one identity) playing many users: no per-identity limits
+        LOOPCHAT_CHAT_RATE=str(10**9),
+        LOOPCHAT_FEEDBACK_RATE=str(10**9),
         **(env or {}),
     )
     args = [sys.executable, "-m", "serve.cli", "up", "--engine", engine, "--host", HOST]

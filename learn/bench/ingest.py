@@ -160,8 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise LearnError(f"--k must be 2, 3 or 4, not {args.k}")
     model = model_dir(args.model)
     # No access log: at these rates one line per request is what an operator turns off first.
-    env = {"LOOPCHAT_FEEDBACK_RATE": str(10**9), "LOOPCHAT_MAX_N": str(args.k),
-           "LOOPCHAT_ACCESS_LOG": "0"}  # fmt: skip
+    env = {"LOOPCHAT_MAX_N": str(args.k), "LOOPCHAT_ACCESS_LOG": "0"}
     if args.redis_fsync != "everysec" and args.redis_url is not None:
         raise LearnError("--redis-fsync applies to the private embedded redis-server only")
     name = NAME if args.redis_fsync == "everysec" else f"{NAME}-fsync-{args.redis_fsync}"

@@ -385,7 +385,6 @@ def run(args: argparse.Namespace) -> int:
             "LOOPCHAT_AUTO_PROMOTE": "1",
             "LOOPCHAT_AB_SHARE": "0",  # each round's gate decides (`bench ab`: the A/B rule)
             "LOOPCHAT_ROUND_EVERY": str(args.round_every),
-            "LOOPCHAT_FEEDBACK_RATE": str(10**6),  # simulated users rank faster than people
             "LOOPCHAT_MAX_N": str(args.k),
             "LOOPCHAT_LOOP_CONFIG": json.dumps({**shared, **arm.loop_config}),
         }

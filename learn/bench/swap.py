@@ -118,8 +118,9 @@ async def _run(svc: Service, versions: list[str], args: argparse.Namespace) -> d
         await asyncio.sleep(args.quiet_seconds)
         for i in range(args.swaps):
             swap = Swap(versions[i % len(versions)], time.monotonic())
-            response = await admin.post(
-                f"/admin/checkpoints/{swap.version}/promote", json={"reason": "bench swap"}
+            response = await admin.post(  # copies of the live model: no gate ran
+                f"/admin/checkpoints/{swap.version}/promote",
+                json={"force": True, "reason": "bench swap: copies of the live model"},
             )
             swap.answered, swap.status = time.monotonic(), response.status_code
             swaps.append(swap)

@@ -1,4 +1,5 @@
-"""``loopchat checkpoints | promote VERSION | rollback | leaderboard``: the operator's commands.
+"""``loopchat checkpoints | promote VERSION | rollback | unpin | leaderboard``: the operator's
+commands.
 
 They work on the registry in Redis directly (settings from ``LOOPCHAT_*``), so they need no
 running server; every serving process follows the change through the registry's channel.
@@ -33,10 +34,13 @@ def register(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "promote":
         parser.add_argument("version", help="policy version to make live, e.g. v3")
         parser.add_argument(
-            "--force", action="store_true", help="promote even though its gate failed"
+            "--force",
+            action="store_true",
+            help="promote although its gate failed or has not run (needs --reason; audited)",
         )
     parser.add_argument("--reason", default="", help="why (kept in the registry's history)")
-    parser.set_defaults(func=_promote if command == "promote" else _rollback)
+    handlers = {"promote": _promote, "rollback": _rollback, "unpin": _unpin}
+    parser.set_defaults(func=handlers[command])
 
 
 def _admin():  # -> AdminService; imports kept out of `loopchat --help`
@@ -88,26 +92,30 @@ def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _promote(args: argparse.Namespace) -> int:
+def _run(action: str, **kwargs: object) -> int:
+    """Run an ``AdminService`` action as this operator; print the aliases after."""
     from serve.registry import RegistryError
 
     try:
-        state = _admin().promote(args.version, operator(), args.reason, force=args.force)
+        state = getattr(_admin(), action)(by=operator(), **kwargs)
     except RegistryError as exc:
         raise CLIError(str(exc)) from None
-    print(f"live: {state['live']} (previous: {state['previous']})")
+    pin = state["pin"]
+    pinned = f"; pinned by {pin['by']}'s rollback" if pin else ""
+    print(f"live: {state['live']} (previous: {state['previous']}){pinned}")
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    return _run("promote", version=args.version, reason=args.reason, force=args.force)
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from serve.registry import RegistryError
+    return _run("rollback", reason=args.reason)
 
-    try:
-        state = _admin().rollback(operator(), args.reason)
-    except RegistryError as exc:
-        raise CLIError(str(exc)) from None
-    print(f"live: {state['live']} (previous: {state['previous']})")
-    return 0
+
+def _unpin(args: argparse.Namespace) -> int:
+    return _run("unpin", reason=args.reason)
 
 
 def _interval(pair: list[float] | None) -> str:

@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     import uvicorn
 
+    from serve.logsafe import AccessLogFilter
     from serve.store import resolve_redis_url
 
     host, port = sock.getsockname()[:2]
@@ -162,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         access_log=settings.access_log,
     )
+    logging.getLogger("uvicorn.access").addFilter(AccessLogFilter())  # after Config set logging
     # uvicorn re-raises the signal that stopped it: SIGTERM then exits 0 through the finally below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker = WorkerProcess() if settings.worker else None

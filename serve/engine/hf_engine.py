@@ -40,8 +40,11 @@ def sample_token(
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(descending=True)
-    # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-    sorted_probs = sorted_probs * ((sorted_probs.cumsum(0) - sorted_probs) < top_p)
+    # keep the smallest prefix whose mass reaches top_p; the most likely token always stays,
+    # also when top_p is below float32's resolution (a top_p of 1e-300 is 0 in float32)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    keep[0] = True
+    sorted_probs = sorted_probs * keep
     return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
 
 

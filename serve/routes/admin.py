@@ -11,23 +11,33 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from serve.admin import AdminAuthError, AdminService, check_admin_token
-from serve.errors import APIError
-from serve.protocol import Text
-from serve.registry import NoPrevious, PromotionRefused, RegistryError, UnknownVersion
+from serve.admin import AdminAuthError, AdminService
+from serve.errors import APIError, error_responses
+from serve.protocol import StrictBody, Text
+from serve.registry import (
+    NoPrevious,
+    PromotionRefused,
+    ReasonRequired,
+    RegistryError,
+    UnknownVersion,
+)
 
 
 def require_admin(request: Request) -> None:
-    """Dependency: the caller presents the admin token."""
+    """Dependency: the caller presents the admin token (and has not guessed wrong too often)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" else None
+    address = request.client.host if request.client else "unknown"
     try:
-        check_admin_token(request.app.state.settings.admin_token, presented)
+        request.app.state.login_throttle.check(
+            request.app.state.settings.admin_token, presented, address
+        )
     except AdminAuthError as exc:
-        kind = "authentication_error" if exc.status == 401 else "permission_error"
-        raise APIError(exc.status, str(exc), type=kind, code="invalid_admin_token") from None
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status)
+        code = "too_many_failures" if exc.status == 429 else "invalid_admin_token"
+        raise APIError(exc.status, str(exc), type=kind or "permission_error", code=code) from None
 
 
 def admin_service(request: Request) -> AdminService:
@@ -37,22 +47,43 @@ def admin_service(request: Request) -> AdminService:
 Admin = Annotated[AdminService, Depends(admin_service)]
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 429),
+)
 
 
-class AdminAction(BaseModel):
-    """Optional body of promote and rollback: who and why, kept in the registry's history."""
+class AdminAction(StrictBody):
+    """Optional body of rollback and unpin: who and why, kept in the registry's history."""
 
     reason: Text = Field(default="", max_length=1000)
     by: Text = Field(default="admin", min_length=1, max_length=100)
+
+
+class PromoteAction(AdminAction):
+    """Optional body of promote. ``force`` promotes past a failed or missing gate (never past
+    non-finite weights); it needs a ``reason`` and is marked ``forced`` in the history."""
+
+    force: bool = False
 
 
 def registry_error(exc: RegistryError) -> APIError:
     """404 for an unknown version, 409 for a refused promotion or rollback, 400 otherwise."""
     if isinstance(exc, UnknownVersion):
         return APIError(404, str(exc), type="not_found_error", param="version", code=exc.code)
+    if isinstance(exc, ReasonRequired):
+        return APIError(400, str(exc), param="reason", code=exc.code)
     status = 409 if isinstance(exc, PromotionRefused | NoPrevious) else 400
     return APIError(status, str(exc), param="version", code=exc.code)
+
+
+def operator(request: Request, action: AdminAction) -> str:
+    """Who acts, for the history: the body's ``by`` and the address it came from (the admin
+    token is shared, so the address is what tells two holders apart)."""
+    address = request.client.host if request.client else "unknown"
+    return f"{action.by}@{address}"
 
 
 @router.get("/checkpoints")
@@ -60,27 +91,37 @@ def list_checkpoints(admin: Admin) -> dict[str, Any]:
     return admin.checkpoints()
 
 
-@router.post("/checkpoints/{version}/promote")
+@router.post("/checkpoints/{version}/promote", responses=error_responses(404, 409))
 def promote(
     version: str,
     admin: Admin,
-    body: AdminAction | None = None,
-    force: Annotated[bool, Query(description="promote even though the gate failed")] = False,
+    request: Request,
+    body: PromoteAction | None = None,
+    force: Annotated[bool, Query(description="the same as the body's force")] = False,
 ) -> dict[str, Any]:
-    action = body or AdminAction()
+    action = body or PromoteAction()
     try:
-        return admin.promote(version, by=action.by, reason=action.reason, force=force)
+        return admin.promote(
+            version, by=operator(request, action), reason=action.reason, force=action.force or force
+        )
     except RegistryError as exc:
         raise registry_error(exc) from None
 
 
-@router.post("/rollback")
-def rollback(admin: Admin, body: AdminAction | None = None) -> dict[str, Any]:
+@router.post("/rollback", responses=error_responses(409))
+def rollback(admin: Admin, request: Request, body: AdminAction | None = None) -> dict[str, Any]:
     action = body or AdminAction()
     try:
-        return admin.rollback(by=action.by, reason=action.reason)
+        return admin.rollback(by=operator(request, action), reason=action.reason)
     except RegistryError as exc:
         raise registry_error(exc) from None
+
+
+@router.post("/unpin")
+def unpin(admin: Admin, request: Request, body: AdminAction | None = None) -> dict[str, Any]:
+    """Lift a rollback's pin: automatic promotion (the loop's auto-promote) may resume."""
+    action = body or AdminAction()
+    return admin.unpin(by=operator(request, action), reason=action.reason)
 
 
 @router.get("/history")

@@ -24,7 +24,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(result.model_dump(mode="json", exclude_none=True), status_code=status)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}
+    },
+)
 async def prometheus_metrics(request: Request) -> Response:
     metrics.set_live_version(request.app.state.engine.version)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

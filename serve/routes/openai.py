@@ -4,17 +4,42 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from serve.errors import APIError, error_json
-from serve.guards import require_client_key
-from serve.protocol import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from serve.errors import APIError, error_json, error_responses
+from serve.guards import request_identity, require_client_key
+from serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_client_key)])
+router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_client_key)], responses=error_responses(401)
+)
+
+# One server-sent event as a schema-driven client parses it (each ``data`` is a chunk's JSON).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
+
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ChatCompletionResponse,
+        "description": "The completion; with `stream: true`, server-sent events of "
+        "ChatCompletionChunk ending in `data: [DONE]`.",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+    **error_responses(404, 429),
+}
 
 T = TypeVar("T")
 
@@ -41,13 +66,13 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=COMPLETION_RESPONSES)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, api_key: str | None = Depends(require_client_key)
+    body: ChatCompletionRequest, request: Request, identity: str = Depends(request_identity)
 ) -> Response:
     try:
         result = await until_disconnect(
-            request, request.app.state.chat.create_chat_completion(body, api_key)
+            request, request.app.state.chat.create_chat_completion(body, identity)
         )
     except ClientGone:
         return Response(status_code=499)
@@ -68,7 +93,7 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_served(request)])
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=error_responses(404))
 async def get_model(model: str, request: Request) -> ModelCard:
     card = _served(request)
     if model != card.id:
@@ -100,5 +125,6 @@ async def unknown_endpoint(path: str, request: Request) -> NoReturn:
         raise APIError(
             405,
             f"{request.method} is not allowed on {request.url.path} (use {', '.join(allowed)}).",
+            headers={"Allow": ", ".join(allowed)},
         )
     raise APIError(404, f"Unknown endpoint {request.url.path}.", type="not_found_error")

@@ -96,7 +96,7 @@ def submit_rankings(
     also counts it for the loop trigger)."""
 
     async def run() -> list[FeedbackResponse]:
-        settings = Settings(redis_url=redis_url, round_every=round_every)
+        settings = Settings(redis_url=redis_url, round_every=round_every, feedback_rate=10**6)
         client = async_client(redis_url)
         store = CompletionStore(client, settings.completion_ttl)
         service = FeedbackService(client, settings)
@@ -108,7 +108,7 @@ def submit_rankings(
                 ranking=rank(completion.candidates),
                 user=completion.user,
             )
-            result = await service.submit(request, api_key=None, client_address="127.0.0.1")
+            result = await service.submit(request, "addr:127.0.0.1")
             assert isinstance(result, FeedbackResponse), result
             results.append(result)
         await client.aclose()

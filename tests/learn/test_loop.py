@@ -166,6 +166,30 @@ def test_an_operator_rollback_restarts_learning_from_live(loop, completions, red
     assert registry.get(second["candidate"])["info"]["continued"] is False
 
 
+def test_auto_promote_waits_while_an_operator_rollback_pins_live(
+    loop, completions, redis_url
+) -> None:
+    settings, client, registry = loop
+    settings = settings.model_copy(update={"auto_promote": True})
+    lenient = {"kl_budget": 1e9, "significance": 1e9, "require_signal": False}
+    config = LoopConfig.from_settings(settings, {**TINY, "gate": {**TINY["gate"], **lenient}})
+    submit_rankings(redis_url, fresh(completions[:6]))
+    first = run_round("first", config, settings)
+    assert first["promoted"] and registry.alias("live") == first["candidate"]
+    registry.rollback(by="op", reason="worse in practice")
+
+    submit_rankings(redis_url, fresh(completions[6:12]))
+    second = run_round("second", config, settings)
+    assert second["gate"]["passed"] and not second["promoted"]
+    assert "pinned" in second["promote_refused"] and registry.alias("live") == "v1"
+    assert registry.alias("candidate") == second["candidate"]  # waiting for the operator
+
+    registry.unpin(by="op", reason="fixed the prompts")
+    submit_rankings(redis_url, fresh(completions[12:16]))
+    third = run_round("third", config, settings)
+    assert third["promoted"] and registry.alias("live") == third["candidate"]
+
+
 def test_held_out_rankings_are_trained_on_in_the_next_round(loop, completions, redis_url) -> None:
     settings, client, _ = loop
     config = LoopConfig.from_settings(settings, {**TINY, "heldout_fraction": 0.25})

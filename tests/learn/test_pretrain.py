@@ -118,7 +118,7 @@ def test_interrupted_pretraining_resumes_where_it_stopped(tmp_path: Path):
     process.kill()
     process.wait()
     assert state.exists(), "the run ended before its first checkpoint"
-    interrupted_at = torch.load(state, weights_only=False)["step"]
+    interrupted_at = torch.load(state, weights_only=True)["step"]
     assert 4 <= interrupted_at < 16
 
     resumed = pretrain(_nano_config(out, max_steps=16))
@@ -127,6 +127,26 @@ def test_interrupted_pretraining_resumes_where_it_stopped(tmp_path: Path):
     # same data order and state: the resumed run ends where the uninterrupted one did
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-3)
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-3)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resuming_never_unpickles_code_from_the_checkpoint(tmp_path: Path, tiny_model: Path):
+    """A resume file from shared storage is data, not a program: torch.load(weights_only)."""
+    out, marker = tmp_path / "out", tmp_path / "code-ran"
+    (out / "resume").mkdir(parents=True)
+    torch.save({"model": {}, "step": 1, "payload": _Payload(marker)}, out / "resume" / "state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        pretrain(_nano_config(out, max_steps=2, init_from=str(tiny_model)))
+    assert not marker.exists()
 
 
 def test_cli_rejects_bad_input_with_one_line(tmp_path: Path):

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from learn.builtin.presets import new_model
 from learn.modeling import save_model
+from serve.registry import Registry
 
 RESIDUAL_GAIN = 5.0
 
@@ -52,3 +53,9 @@ def same_files(a: Path, b: Path, ignore: tuple[str, ...] = ("loopchat.json",)) -
     return names(a) == names(b) and all(
         (a / n).read_bytes() == (b / n).read_bytes() for n in names(a)
     )
+
+
+def passed(registry: Registry, version: str) -> str:
+    """Record a passing gate for ``version`` (what a round's gate writes); returns it."""
+    registry.record_gate(version, {"passed": True, "reasons": []})
+    return version

@@ -12,7 +12,7 @@ from serve.store import Completion, CompletionStore, async_client
 
 
 def make_completion(
-    n: int, version: str = "v1", user: str | None = None, api_key: str | None = None
+    n: int, version: str = "v1", user: str | None = None, identity: str | None = None
 ) -> Completion:
     """A completion with ``n`` recognisable candidates ``"answer 0"``, ``"answer 1"``, ..."""
     return Completion(
@@ -25,7 +25,7 @@ def make_completion(
         candidates=[f"answer {i}" for i in range(n)],
         version=version,
         user=user,
-        api_key=api_key,
+        identity=identity,
     )
 
 
@@ -50,13 +50,13 @@ def store_rankings(redis_url: str, items: list[tuple[Completion, dict]]) -> list
     save_completions(redis_url, *(completion for completion, _ in items))
 
     async def run() -> list[FeedbackResponse]:
-        settings = Settings(redis_url=redis_url, round_every=10**9)
+        settings = Settings(redis_url=redis_url, round_every=10**9, feedback_rate=10**6)
         client = async_client(redis_url)
         service = FeedbackService(client, settings)
         results = []
         for completion, body in items:
             request = FeedbackRequest(completion_id=completion.id, **body)
-            result = await service.submit(request, api_key=None, client_address="127.0.0.1")
+            result = await service.submit(request, "addr:127.0.0.1")
             assert isinstance(result, FeedbackResponse), result
             results.append(result)
         await client.aclose()

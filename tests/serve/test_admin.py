@@ -1,4 +1,5 @@
-"""``/admin/*`` and ``loopchat checkpoints | promote | rollback`` on a real Redis and registry.
+"""``/admin/*`` and ``loopchat checkpoints | promote | rollback | unpin`` on a real Redis and
+registry.
 
 The routes are exercised on the real app (its lifespan starts the HF engine on the tiny model)
 through FastAPI's in-process client, which is far cheaper than a server process per test; the
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from serve.admin import AdminAuthError, LoginThrottle
 from serve.app import create_app
 from serve.cli import main as loopchat
 from serve.events import STREAM
@@ -27,19 +29,23 @@ ROUTES = [
     ("GET", "/admin/checkpoints"),
     ("POST", "/admin/checkpoints/v1/promote"),
     ("POST", "/admin/rollback"),
+    ("POST", "/admin/unpin"),
     ("GET", "/admin/loop"),
     ("GET", "/admin/history"),
     ("GET", "/admin/leaderboard"),
 ]
 
 
-def settings_for(tmp_path: Path, redis_url: str, model: Path, token: str | None) -> Settings:
+def settings_for(
+    tmp_path: Path, redis_url: str, model: Path, token: str | None, failures: int = 100
+) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url,
         model=str(model),
         engine="hf",
         admin_token=token,
+        admin_login_failures=failures,
     )
 
 
@@ -72,6 +78,39 @@ def test_admin_routes_answer_401_without_and_403_with_a_wrong_token(api: TestCli
     assert api.get("/admin/checkpoints").status_code == 200
 
 
+def test_wrong_admin_tokens_from_one_address_are_throttled(
+    tmp_path: Path, redis_url: str, tiny_model: Path
+) -> None:
+    app = create_app(settings_for(tmp_path, redis_url, tiny_model, TOKEN, failures=3))
+    with TestClient(app) as client:
+        guesses = [
+            client.get("/admin/checkpoints", headers={"Authorization": f"Bearer guess-{i}"})
+            for i in range(4)
+        ]
+        assert [g.status_code for g in guesses] == [403, 403, 403, 429]
+        right = client.get("/admin/checkpoints", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 429  # even the right token, until the minute is over
+        error = right.json()["error"]
+        assert error["type"] == "rate_limit_error" and "retry in" in error["message"]
+
+
+def test_the_login_throttle_forgets_failures_older_than_a_minute() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(2, clock=lambda: now[0])
+    for _ in range(2):
+        with pytest.raises(AdminAuthError):
+            throttle.check("secret", "guess", "1.2.3.4")
+    with pytest.raises(AdminAuthError) as refused:
+        throttle.check("secret", "secret", "1.2.3.4")
+    assert refused.value.status == 429 and throttle.retry_after("1.2.3.4") == 60.0
+    throttle.check("secret", "secret", "5.6.7.8")  # another address is not affected
+    now[0] = 60.0
+    throttle.check("secret", "secret", "1.2.3.4")  # a minute later
+    with pytest.raises(AdminAuthError):
+        throttle.check("secret", None, "1.2.3.4")  # no token is no guess: not counted
+    assert throttle.retry_after("1.2.3.4") == 0.0
+
+
 def test_admin_routes_are_closed_until_a_token_is_configured(
     tmp_path: Path, redis_url: str, tiny_model: Path
 ) -> None:
@@ -88,13 +127,14 @@ def test_checkpoints_lists_the_aliases_and_every_version(
 ) -> None:
     rm = registry.register(tiny_model, "reward", "v1", {"heldout_accuracy": 0.75})
     v2 = registry.register(tiny_model, "ppo", "v1", {"kl": 0.02}, {"reward_model": rm})
-    registry.set_candidate(v2)
     registry.record_gate(v2, {"passed": True, "reasons": []})
+    registry.set_candidate(v2)
     body = api.get("/admin/checkpoints").json()
-    assert {k: body[k] for k in ("live", "candidate", "previous")} == {
+    assert {k: body[k] for k in ("live", "candidate", "previous", "pin")} == {
         "live": "v1",
         "candidate": "v2",
         "previous": None,
+        "pin": None,
     }
     assert [v["version"] for v in body["versions"]] == ["v1", "rm-1", "v2"]
     assert all(
@@ -134,11 +174,41 @@ def test_promote_refuses_unknown_versions_reward_models_and_failed_gates(
     assert failed.status_code == 409 and failed.json()["error"]["code"] == "gate_failed"
     assert "agrees with users less than v1" in failed.json()["error"]["message"]
     assert registry.alias("live") == "v1"
-    forced = api.post(f"/admin/checkpoints/{v2}/promote?force=true", json={"reason": "trust me"})
+    no_reason = api.post(f"/admin/checkpoints/{v2}/promote", json={"force": True})
+    assert no_reason.status_code == 400 and no_reason.json()["error"]["param"] == "reason"
+    forced = api.post(
+        f"/admin/checkpoints/{v2}/promote", json={"force": True, "reason": "trust me", "by": "al"}
+    )
     assert forced.status_code == 200
-    assert forced.json() == {"live": "v2", "candidate": None, "previous": "v1"}
-    assert registry.history()[-1]["reason"] == "trust me"
+    assert forced.json() == {"live": "v2", "candidate": None, "previous": "v1", "pin": None}
+    last = registry.history()[-1]
+    assert (last["reason"], last["forced"], last["by"]) == ("trust me", True, "al@testclient")
     assert api.post(f"/admin/checkpoints/{v2}/promote", json={"by": ""}).status_code == 422
+
+
+def test_an_ungated_version_is_409_unless_forced_with_a_reason(
+    api: TestClient, registry: Registry, tiny_model: Path
+) -> None:
+    v2 = registry.register(tiny_model, "ppo", "v1", {})
+    refused = api.post(f"/admin/checkpoints/{v2}/promote")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_gated"
+    assert registry.alias("live") == "v1"
+    forced = api.post(f"/admin/checkpoints/{v2}/promote", json={"force": True, "reason": "hotfix"})
+    assert forced.status_code == 200 and registry.history()[-1]["forced"] is True
+
+
+def test_rollback_pins_and_unpin_lifts_it(
+    api: TestClient, registry: Registry, tiny_model: Path
+) -> None:
+    v2 = registry.register(tiny_model, "ppo", "v1", {})
+    registry.record_gate(v2, {"passed": True, "reasons": []})
+    assert api.post(f"/admin/checkpoints/{v2}/promote").status_code == 200
+    rolled = api.post("/admin/rollback", json={"reason": "bad answers", "by": "carol"}).json()
+    assert rolled["live"] == "v1" and rolled["pin"]["by"] == "carol@testclient"
+    assert api.get("/admin/checkpoints").json()["pin"]["version"] == "v1"
+    lifted = api.post("/admin/unpin", json={"reason": "fixed"})
+    assert lifted.status_code == 200 and lifted.json()["pin"] is None
+    assert registry.history()[-1]["action"] == "unpin"
 
 
 def test_rollback_is_409_without_a_previous_version(api: TestClient, registry: Registry) -> None:
@@ -218,14 +288,23 @@ def test_cli_lists_promotes_and_rolls_back(
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:3] == ["v1", "sft", "-"]
     assert "live" in table[1] and "kl=0.03125" in table[2]
-    assert loopchat(["promote", "v2", "--reason", "looks better"]) == 0
+    capsys.readouterr()
+    assert loopchat(["promote", "v2", "--reason", "looks better"]) == 2  # no gate result
+    assert "no gate result" in capsys.readouterr().err
+    assert loopchat(["promote", "v2", "--force"]) == 2
+    assert "needs a reason" in capsys.readouterr().err
+    assert loopchat(["promote", "v2", "--force", "--reason", "looks better"]) == 0
     assert "live: v2" in capsys.readouterr().out
     assert registry.history()[-1]["reason"] == "looks better"
     assert registry.history()[-1]["by"].startswith("cli")
+    assert registry.history()[-1]["forced"] is True
     assert loopchat(["promote", "v9"]) == 2
     assert capsys.readouterr().err.strip() == "loopchat promote: error: unknown version 'v9'"
     assert loopchat(["rollback", "--reason", "regression"]) == 0
     assert registry.alias("live") == "v1"
+    assert "pinned by cli" in capsys.readouterr().out
+    assert loopchat(["unpin", "--reason", "fixed"]) == 0
+    assert registry.pin() is None and registry.history()[-1]["action"] == "unpin"
     assert loopchat(["rollback"]) == 2
     assert "no previous version" in capsys.readouterr().err
     assert loopchat(["checkpoints", "--json"]) == 0

@@ -62,6 +62,14 @@ def test_sample_token_is_greedy_at_zero_temperature_and_respects_top_p() -> None
     assert {sample_token(logits, 1.0, 1e-6, gen) for _ in range(50)} == {1}
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46])  # all 0 in float32
+def test_a_top_p_below_float32_resolution_still_keeps_the_most_likely_token(top_p: float) -> None:
+    """A valid ``top_p`` (> 0) the schemathesis fuzzer sent was a 500: no token was kept."""
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, 1.0, top_p, gen) for _ in range(20)} == {1}
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two checkpoints with the same tokenizer and different greedy answers."""

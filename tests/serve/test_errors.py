@@ -112,6 +112,7 @@ def test_invalid_json_is_400(api: httpx.Client) -> None:
         (with_(top_p=0), "top_p", "greater than 0"),
         (with_(max_tokens=0), "max_tokens", "greater than or equal to 1"),
         (with_(seed=-1), "seed", "greater than or equal to 0"),
+        (with_(seed=2**53), "seed", "less than or equal to 9007199254740991"),
         (with_(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
         (with_(stream="yes please"), "stream", "boolean"),
         ([OK], None, "dictionary"),
@@ -174,7 +175,9 @@ def test_body_over_the_limit_is_413(api: httpx.Client) -> None:
 
 def test_unknown_route_and_method_keep_the_error_shape(api: httpx.Client) -> None:
     assert_error(api.get("/nowhere"), 404, None, "/v1/nowhere")
-    assert_error(api.get("/chat/completions"), 405, None, "POST")
+    wrong_method = api.get("/chat/completions")
+    assert_error(wrong_method, 405, None, "POST")
+    assert wrong_method.headers["allow"] == "POST"
 
 
 def test_failed_requests_store_nothing(api: httpx.Client) -> None:
@@ -183,3 +186,58 @@ def test_failed_requests_store_nothing(api: httpx.Client) -> None:
     api.post("/chat/completions", json=with_(n=9))
     api.post("/chat/completions", json=with_(model="other"))
     assert set(client.scan_iter("loopchat:completion:*")) == before
+
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "none"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ],
+)
+def test_features_this_server_lacks_are_400_naming_the_field_not_ignored(
+    api: httpx.Client, fields: dict, param: str
+) -> None:
+    for stream in (False, True):
+        response = api.post("/chat/completions", json=with_(stream=stream, **fields))
+        error = assert_error(response, 400, param, param)
+        assert error["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [], "tool_choice": "none"},
+        {"logprobs": False, "top_logprobs": 0},
+        {"response_format": {"type": "text"}},
+    ],
+)
+def test_asking_for_none_of_those_features_is_fine(api: httpx.Client, fields: dict) -> None:
+    assert api.post("/chat/completions", json=with_(**fields)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"logprobs": [1]}, "logprobs"),
+    ],
+)
+def test_malformed_feature_fields_are_422_naming_the_field(
+    api: httpx.Client, fields: dict, param: str
+) -> None:
+    response = api.post("/chat/completions", json=with_(**fields))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"].startswith(param)

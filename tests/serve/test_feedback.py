@@ -1,12 +1,14 @@
 """``POST /v1/feedback`` against a real server process: the validation matrix and the stream.
 
-One server for the module (API keys on, small limits); Redis is emptied once when it starts,
-so each test uses completions and users of its own and looks events up by completion id.
+One server for the module (many API keys, small limits); Redis is emptied once when it starts,
+so each test uses an API key (an identity: the rate limit and the dedupe count it) and
+completions of its own, and looks events up by completion id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections import Counter
@@ -20,21 +22,24 @@ from openai import OpenAI
 
 from serve.events import FeedbackLog
 from serve.feedback import STORE_ONCE_LUA
+from serve.identity import key_identity
 from serve.store import Completion, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.feedback_helpers import make_completion, save_completions
 
 pytestmark = pytest.mark.slow  # starts real processes
 
-KEY_A, KEY_B = "key-a", "key-b"
+KEYS = [f"key-{i:03d}" for i in range(200)]
+KEY_A = KEYS[0]  # the first test's key, by name
 RATE, MAX_COMMENT, MAX_BODY = 5, 50, 4096
+_unused_keys = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     env = {
-        "LOOPCHAT_API_KEYS": f"{KEY_A},{KEY_B}",
+        "LOOPCHAT_API_KEYS": ",".join(KEYS),
         "LOOPCHAT_FEEDBACK_RATE": str(RATE),
         "LOOPCHAT_MAX_COMMENT_CHARS": str(MAX_COMMENT),
         "LOOPCHAT_MAX_BODY_BYTES": str(MAX_BODY),
@@ -45,16 +50,28 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     started.stop()
 
 
+def fresh_key() -> str:
+    """An API key no test used yet: an identity of its own."""
+    return KEYS[next(_unused_keys)]
+
+
+def client_with(server: Server, key: str) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
+
+
 @pytest.fixture
 def api(server: Server) -> Iterator[httpx.Client]:
-    headers = {"Authorization": f"Bearer {KEY_A}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+    """A client with a key of its own (``api.key``)."""
+    key = fresh_key()
+    with client_with(server, key) as client:
+        client.key = key  # type: ignore[attr-defined]
         yield client
 
 
-def saved(n: int, **fields: str | None) -> Completion:
-    """A completion of ``n`` candidates made with key A, stored in the server's Redis."""
-    completion = make_completion(n, api_key=KEY_A, **fields)
+def saved(n: int, key: str, **fields: str | None) -> Completion:
+    """A completion of ``n`` candidates made with ``key``, stored in the server's Redis."""
+    completion = make_completion(n, identity=key_identity(key), **fields)
     save_completions(TEST_REDIS_URL, completion)
     return completion
 
@@ -62,7 +79,7 @@ def saved(n: int, **fields: str | None) -> Completion:
 def rank(
     api: httpx.Client, completion_id: str, ranking: object, **fields: object
 ) -> httpx.Response:
-    """POST a ranking by a user of its own unless ``user`` is given (the rate limit is per user)."""
+    """POST a ranking (with a made-up ``user`` label unless one is given)."""
     body = {"completion_id": completion_id, "ranking": ranking, **fields}
     body.setdefault("user", f"user-{uuid.uuid4().hex[:8]}")
     return api.post("/v1/feedback", json=body)
@@ -73,7 +90,7 @@ def events_of(completion_id: str) -> list[dict]:
     return [event for _, event in log.events() if event["completion_id"] == completion_id]
 
 
-def assert_error(response: httpx.Response, status: int, param: str, *words: str) -> None:
+def assert_error(response: httpx.Response, status: int, param: str | None, *words: str) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -83,7 +100,7 @@ def assert_error(response: httpx.Response, status: int, param: str, *words: str)
 
 
 def test_ranking_of_a_real_completion_is_stored_as_one_self_contained_event(
-    server: Server, api: httpx.Client
+    server: Server,
 ) -> None:
     client = OpenAI(base_url=server.base_url, api_key=KEY_A)
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -91,10 +108,11 @@ def test_ranking_of_a_real_completion_is_stored_as_one_self_contained_event(
         model="loopchat", messages=messages, n=3, max_tokens=6, user="ann"
     )
     before = time.time()
-    response = api.post(
-        "/v1/feedback",
-        json={"completion_id": answer.id, "ranking": [[2], [0, 1]], "comment": "close call"},
-    )
+    with client_with(server, KEY_A) as api:
+        response = api.post(
+            "/v1/feedback",
+            json={"completion_id": answer.id, "ranking": [[2], [0, 1]], "comment": "close call"},
+        )
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["pairs"] == 2 and body["id"].startswith("fb-")
@@ -108,6 +126,7 @@ def test_ranking_of_a_real_completion_is_stored_as_one_self_contained_event(
         "ranking": [[2], [0, 1]],
         "all_bad": False,
         "user": "ann",  # the completion's user when the ranking names none
+        "identity": key_identity(KEY_A),  # who sent it: the key's hash, never the key
         "comment": "close call",
         "version": answer.system_fingerprint,
         "versions": [choice.version for choice in answer.choices],  # no candidate: all live's
@@ -131,7 +150,7 @@ def test_ranking_of_a_real_completion_is_stored_as_one_self_contained_event(
 def test_ties_and_all_bad_are_stored_normalised_with_their_pair_count(
     api: httpx.Client, ranking: list, all_bad: bool, pairs: int, stored: list
 ) -> None:
-    completion = saved(4)
+    completion = saved(4, api.key)
     response = rank(api, completion.id, ranking, all_bad=all_bad)
     assert response.status_code == 201, response.text
     assert response.json()["pairs"] == pairs
@@ -141,14 +160,14 @@ def test_ties_and_all_bad_are_stored_normalised_with_their_pair_count(
 
 
 def test_unknown_expired_or_foreign_completion_is_404(server: Server, api: httpx.Client) -> None:
-    expiring = make_completion(2, api_key=KEY_A)
+    expiring = make_completion(2, identity=key_identity(api.key))
     save_completions(TEST_REDIS_URL, expiring, ttl=1)
-    foreign = saved(2)  # made with key A
+    foreign = saved(2, fresh_key())  # made with another key
     time.sleep(1.5)
     for completion_id, headers in [
         ("chatcmpl-does-not-exist", {}),
         (expiring.id, {}),
-        (foreign.id, {"Authorization": f"Bearer {KEY_B}"}),
+        (foreign.id, {}),
     ]:
         body = {"completion_id": completion_id, "ranking": [0, 1], "user": "dan"}
         response = api.post("/v1/feedback", json=body, headers=headers)
@@ -161,19 +180,35 @@ def test_unknown_expired_or_foreign_completion_is_404(server: Server, api: httpx
     assert events_of(foreign.id) == []
 
 
-def test_the_same_user_ranking_a_completion_twice_is_409(api: httpx.Client) -> None:
-    completion = saved(2)
+def test_the_same_key_ranking_a_completion_twice_is_409_whatever_user_it_names(
+    api: httpx.Client,
+) -> None:
+    completion = saved(2, api.key)
     body = {"completion_id": completion.id, "ranking": [1, 0], "user": "bob"}
     first = api.post("/v1/feedback", json=body)
     assert first.status_code == 201
     again = api.post("/v1/feedback", json={**body, "ranking": [0, 1]})
     assert_error(again, 409, "completion_id", "already ranked", first.json()["id"])
-    other_user = api.post("/v1/feedback", json={**body, "user": "cy"})
-    assert other_user.status_code == 201
-    assert [(e["user"], e["ranking"]) for e in events_of(completion.id)] == [
-        ("bob", [[1], [0]]),
-        ("cy", [[1], [0]]),
-    ]
+    other_label = api.post("/v1/feedback", json={**body, "user": "cy"})
+    assert_error(other_label, 409, "completion_id", "already ranked", first.json()["id"])
+    assert [(e["user"], e["ranking"]) for e in events_of(completion.id)] == [("bob", [[1], [0]])]
+
+
+def test_one_key_posting_under_invented_user_names_is_one_identity(server: Server) -> None:
+    """The `user` field is a label: a key inventing a name per ranking still has one rate limit
+    and one identity in every stored event, and other keys are not limited by it."""
+    spoofer, bystander = fresh_key(), fresh_key()
+    with client_with(server, spoofer) as api, client_with(server, bystander) as other:
+        completions = [saved(2, spoofer) for _ in range(RATE + 1)]
+        statuses = [
+            rank(api, c.id, [0, 1], user=f"sockpuppet-{i}").status_code
+            for i, c in enumerate(completions)
+        ]
+        assert statuses == [201] * RATE + [429]
+        events = [e for c in completions for e in events_of(c.id)]
+        assert {e["identity"] for e in events} == {key_identity(spoofer)}
+        assert len({e["user"] for e in events}) == RATE  # the labels are kept, as labels
+        assert rank(other, saved(2, bystander).id, [1, 0]).status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -191,7 +226,7 @@ def test_the_same_user_ranking_a_completion_twice_is_409(api: httpx.Client) -> N
 def test_malformed_ranking_is_422_saying_what_is_wrong(
     api: httpx.Client, ranking: list, all_bad: bool, words: list[str]
 ) -> None:
-    completion = saved(3)
+    completion = saved(3, api.key)
     user = f"gil-{uuid.uuid4().hex[:8]}"
     response = rank(api, completion.id, ranking, all_bad=all_bad, user=user)
     assert_error(response, 422, "ranking", *words)
@@ -220,18 +255,23 @@ def test_body_of_the_wrong_shape_is_422_naming_the_field(
     assert response.json()["error"]["param"].startswith(param)
 
 
-def test_more_rankings_per_minute_than_the_limit_is_429_per_user(api: httpx.Client) -> None:
+def test_more_rankings_per_minute_than_the_limit_is_429_per_key(
+    server: Server, api: httpx.Client
+) -> None:
     statuses = [rank(api, "gone", [0], user="eve") for _ in range(RATE + 1)]
     assert [r.status_code for r in statuses] == [404] * RATE + [429]
-    assert_error(statuses[-1], 429, "user", f"more than {RATE} rankings per minute")
-    completion = saved(2)
-    assert rank(api, completion.id, [0, 1], user="hal").status_code == 201  # others still can
-    assert rank(api, completion.id, [0, 1], user="eve").status_code == 429
+    assert_error(statuses[-1], 429, None, f"more than {RATE} rankings per minute")
+    assert statuses[-1].json()["error"]["type"] == "rate_limit_error"
+    other_key = fresh_key()
+    completion = saved(2, other_key)
+    with client_with(server, other_key) as other:
+        assert rank(other, completion.id, [0, 1], user="hal").status_code == 201  # others can
+    assert rank(api, saved(2, api.key).id, [0, 1], user="hal").status_code == 429
     assert [event["user"] for event in events_of(completion.id)] == ["hal"]
 
 
 def test_oversize_comment_or_body_is_413_and_stores_nothing(api: httpx.Client) -> None:
-    completion = saved(2)
+    completion = saved(2, api.key)
     body = {"completion_id": completion.id, "ranking": [0, 1], "user": "fay"}
     long_comment = api.post("/v1/feedback", json={**body, "comment": "x" * (MAX_COMMENT + 1)})
     assert_error(long_comment, 413, "comment", f"the limit is {MAX_COMMENT}")
@@ -246,7 +286,7 @@ def test_oversize_comment_or_body_is_413_and_stores_nothing(api: httpx.Client) -
 def test_a_lone_surrogate_in_the_comment_is_422_and_the_ranking_can_be_sent_again(
     api: httpx.Client,
 ) -> None:
-    completion = saved(2)
+    completion = saved(2, api.key)
     body = f'{{"completion_id": "{completion.id}", "ranking": [1, 0], "user": "gil", '
     bad = api.post(
         "/v1/feedback",
@@ -282,25 +322,28 @@ def test_one_post_run_twice_by_a_client_retry_is_stored_once_and_answered_stored
 
 
 def test_200_concurrent_posts_store_exactly_one_event_per_201(server: Server) -> None:
-    """Each of 100 (completion, user) pairs is posted twice at once: 100 events, no more."""
-    completions = [make_completion(3, api_key=KEY_A) for _ in range(50)]
+    """Each of 100 (completion, key) pairs is posted twice at once: 100 events, no more."""
+    keys = [fresh_key() for _ in range(100)]
+    completions = [make_completion(3, identity=key_identity(key)) for key in keys]
     save_completions(TEST_REDIS_URL, *completions)
-    bodies = [
-        {"completion_id": c.id, "ranking": [2, 0, 1], "user": f"crowd-{i}-{who}"}
-        for i, c in enumerate(completions)
+    posts = [
+        (key, {"completion_id": c.id, "ranking": [2, 0, 1], "user": f"crowd-{i}-{who}"})
+        for i, (key, c) in enumerate(zip(keys, completions, strict=True))
         for who in ("a", "b")
-    ] * 2
+    ]
     log = FeedbackLog(sync_client(TEST_REDIS_URL))
     length_before = log.length()
 
     async def post_all() -> list[int]:
-        headers = {"Authorization": f"Bearer {KEY_A}"}
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(
-            base_url=server.url, headers=headers, timeout=120, limits=limits
-        ) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             responses = await asyncio.gather(
-                *(client.post("/v1/feedback", json=body) for body in bodies)
+                *(
+                    client.post(
+                        "/v1/feedback", json=body, headers={"Authorization": f"Bearer {key}"}
+                    )
+                    for key, body in posts
+                )
             )
         return [r.status_code for r in responses]
 
@@ -308,6 +351,6 @@ def test_200_concurrent_posts_store_exactly_one_event_per_201(server: Server) ->
     assert statuses == {201: 100, 409: 100}
     new = log.events(start="-")[length_before:]
     assert len(new) == log.length() - length_before == statuses[201]
-    assert Counter((e["completion_id"], e["user"]) for _, e in new) == Counter(
-        (b["completion_id"], b["user"]) for b in bodies[:100]
+    assert Counter((e["completion_id"], e["identity"]) for _, e in new) == Counter(
+        (c.id, key_identity(key)) for key, c in zip(keys, completions, strict=True)
     )

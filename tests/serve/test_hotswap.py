@@ -26,7 +26,7 @@ from serve.registry import NonFiniteWeights, Registry
 from serve.settings import Settings
 from serve.store import async_client, sync_client
 from tests.conftest import TEST_REDIS_URL, Server, start_server
-from tests.serve.checkpoint_helpers import poisoned, variant
+from tests.serve.checkpoint_helpers import passed, poisoned, variant
 
 TOKEN = "hotswap-admin-token"
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -109,9 +109,9 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     registry = Registry(
         sync_client(TEST_REDIS_URL), str(data_dir / "checkpoints"), data_dir / "cache"
     )
-    registry.ensure_live(models[1])
+    passed(registry, registry.ensure_live(models[1])[0])  # swapped back to: gated like the rest
     for seed in range(2, 5):
-        registry.register(models[seed], "ppo", "v1", {"seed": seed})
+        passed(registry, registry.register(models[seed], "ppo", "v1", {"seed": seed}))
     cluster = Cluster(data_dir, models, registry)
     yield cluster
     cluster.stop()
@@ -232,8 +232,9 @@ def test_rollback_gives_the_previous_versions_greedy_answers_exactly(
         "action": "rollback",
         "version": "v2",
         "from": "v4",
-        "by": "op",
+        "by": "op@127.0.0.1",
         "reason": "v4 answers worse",
+        "forced": False,
     }
 
 

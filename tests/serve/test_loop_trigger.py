@@ -36,7 +36,7 @@ def _post_concurrently(
         services = [FeedbackService(client, settings) for client in clients]
         results = await asyncio.gather(
             *(
-                services[i % replicas].submit(FeedbackRequest(**body), None, "127.0.0.1")
+                services[i % replicas].submit(FeedbackRequest(**body), "addr:127.0.0.1")
                 for i, body in enumerate(bodies)
             )
         )

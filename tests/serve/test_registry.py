@@ -15,12 +15,16 @@ from serve.registry import (
     METADATA_FILE,
     NoPrevious,
     NotAPolicy,
+    NotGated,
+    Pinned,
     PromotionRefused,
+    ReasonRequired,
     Registry,
+    RegistryError,
     UnknownVersion,
 )
 from serve.store import sync_client
-from tests.serve.checkpoint_helpers import poisoned, same_files, variant
+from tests.serve.checkpoint_helpers import passed, poisoned, same_files, variant
 
 
 @pytest.fixture
@@ -103,13 +107,13 @@ def test_promote_and_rollback_move_the_aliases_and_keep_history(
         "candidate": None,
         "previous": None,
     }
-    v2 = registry.register(tiny_model, "ppo", "v1", {"kl": 0.01})
+    v2 = passed(registry, registry.register(tiny_model, "ppo", "v1", {"kl": 0.01}))
     registry.set_candidate(v2)
     assert registry.alias("candidate") == "v2"
     registry.promote(v2, by="alice", reason="better on held-out rankings")
     assert registry.aliases() == {"live": "v2", "candidate": None, "previous": "v1"}
     registry.promote(v2, by="alice", reason="again")  # already live: nothing changes
-    v3 = registry.register(tiny_model, "ppo", "v2", {})
+    v3 = passed(registry, registry.register(tiny_model, "ppo", "v2", {}))
     registry.promote(v3, by="bob", reason="next round")
     assert registry.rollback(by="carol", reason="users complain") == "v2"
     assert registry.aliases() == {"live": "v2", "candidate": None, "previous": "v1"}
@@ -153,6 +157,50 @@ def test_a_failed_gate_blocks_promotion_unless_forced(registry: Registry, tiny_m
     assert registry.alias("live") == "v2"
 
 
+def test_a_version_without_a_gate_result_is_never_candidate_nor_live_unless_forced(
+    registry: Registry, tiny_model: Path
+) -> None:
+    registry.ensure_live(tiny_model)
+    v2 = registry.register(tiny_model, "ppo", "v1", {})
+    with pytest.raises(NotGated):
+        registry.set_candidate(v2)
+    with pytest.raises(NotGated, match="no gate result"):
+        registry.promote(v2, by="op", reason="looks fine")
+    with pytest.raises(ReasonRequired):
+        registry.promote(v2, by="op", reason=" ", force=True)
+    with pytest.raises(RegistryError):  # no automatic caller can force
+        registry.promote(v2, by="loop", reason="r", force=True, automatic=True)
+    assert registry.aliases() == {"live": "v1", "candidate": None, "previous": None}
+    registry.promote(v2, by="op", reason="hotfix, gate skipped", force=True)
+    last = registry.history()[-1]
+    assert (last["version"], last["by"], last["forced"]) == ("v2", "op", True)
+    assert last["reason"] == "hotfix, gate skipped"
+    v3 = passed(registry, registry.register(tiny_model, "ppo", "v2", {}))
+    registry.promote(v3, by="op", reason="gate passed")
+    assert registry.history()[-1]["forced"] is False
+
+
+def test_a_rollback_pins_live_against_automatic_promotion_until_an_operator_lifts_it(
+    registry: Registry, tiny_model: Path
+) -> None:
+    registry.ensure_live(tiny_model)
+    v2, v3, v4 = (passed(registry, registry.register(tiny_model, "ppo", "v1", {})) for _ in "abc")
+    registry.promote(v2, by="loop", reason="round 1", automatic=True)
+    registry.rollback(by="carol", reason="users complain")
+    assert registry.pin()["version"] == "v1" and registry.pin()["by"] == "carol"
+    with pytest.raises(Pinned, match="carol"):
+        registry.promote(v3, by="loop", reason="round 2", automatic=True)
+    assert registry.alias("live") == "v1"
+    assert registry.unpin(by="carol", reason="fixed")["version"] == "v1"
+    assert registry.pin() is None and registry.history()[-1]["action"] == "unpin"
+    registry.promote(v3, by="loop", reason="round 2", automatic=True)
+    assert registry.alias("live") == "v3"
+    registry.rollback(by="dan", reason="again")
+    registry.promote(v4, by="dan", reason="my pick")  # an operator's promotion lifts the pin
+    assert registry.pin() is None and registry.alias("live") == "v4"
+    assert registry.unpin(by="dan", reason="nothing pinned") is None
+
+
 def test_reward_models_and_unknown_versions_are_refused(
     registry: Registry, tiny_model: Path
 ) -> None:
@@ -173,7 +221,7 @@ def test_alias_changes_are_announced(
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(CHANNEL)
     registry.ensure_live(tiny_model)
-    registry.set_candidate(registry.register(tiny_model, "ppo", "v1", {}))
+    registry.set_candidate(passed(registry, registry.register(tiny_model, "ppo", "v1", {})))
     registry.promote("v2", by="op", reason="r")
     registry.rollback(by="op", reason="r")
     messages = []
@@ -191,7 +239,7 @@ def test_alias_changes_are_announced(
 def test_prune_keeps_the_last_n_and_every_alias(registry: Registry, tiny_model: Path) -> None:
     registry.ensure_live(tiny_model)  # v1, the SFT reference
     for n in range(2, 9):
-        registry.register(tiny_model, "ppo", f"v{n - 1}", {})
+        passed(registry, registry.register(tiny_model, "ppo", f"v{n - 1}", {}))
     registry.promote("v3", by="op", reason="r")  # previous = v1
     registry.promote("v4", by="op", reason="r")  # previous = v3
     registry.set_candidate("v5")

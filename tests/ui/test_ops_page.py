@@ -83,7 +83,12 @@ def test_operator_logs_in_promotes_and_rolls_back(
     expect(page.locator("#ab")).to_contain_text("Mixed rankings")
     expect(page.locator("#ab-plot")).to_be_visible()
 
-    # The failed candidate is refused without "force", and nothing changes.
+    # The failed candidate is not preselected; chosen, it is refused without "force".
+    expect(page.locator("#promote-version input")).to_have_value("")
+    page.get_by_role("button", name="Promote").click()
+    expect(page.locator("#message")).to_contain_text("Choose a version", timeout=30_000)
+    page.locator("#promote-version input").click()
+    page.get_by_role("option", name=v3, exact=True).click()
     page.get_by_role("button", name="Promote").click()
     expect(page.locator("#message")).to_contain_text("failed its gate", timeout=30_000)
     assert registry.alias("live") == "v1"
@@ -100,8 +105,9 @@ def test_operator_logs_in_promotes_and_rolls_back(
         "action": "promote",
         "version": v2,
         "from": "v1",
-        "by": "ops-page",
+        "by": "ops-page@127.0.0.1",
         "reason": "better rankings",
+        "forced": False,
     }
     deadline = time.monotonic() + 30
     while serving(server) != v2:  # the server follows the alias it just changed
@@ -113,3 +119,7 @@ def test_operator_logs_in_promotes_and_rolls_back(
     expect(page.locator("#message")).to_contain_text("live is now v1", timeout=30_000)
     assert registry.alias("live") == "v1"
     expect(page.locator("#aliases")).to_contain_text(re.compile(r"live: v1"))
+    expect(page.locator("#aliases")).to_contain_text("pinned by ops-page@127.0.0.1")
+    page.get_by_role("button", name="Unpin").click()
+    expect(page.locator("#message")).to_contain_text("Unpinned", timeout=30_000)
+    assert registry.pin() is None and registry.history()[-1]["action"] == "unpin"
