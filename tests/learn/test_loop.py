@@ -170,7 +170,7 @@ def test_auto_promote_waits_while_an_operator_rollback_pins_live(
     loop, completions, redis_url
 ) -> None:
     settings, client, registry = loop
-    settings = settings.model_copy(update={"auto_promote": True})
+    settings = settings.model_copy(update={"auto_promote": True, "ab_share": 0.0})  # gate alone
     lenient = {"kl_budget": 1e9, "significance": 1e9, "require_signal": False}
     config = LoopConfig.from_settings(settings, {**TINY, "gate": {**TINY["gate"], **lenient}})
     submit_rankings(redis_url, fresh(completions[:6]))
@@ -316,8 +316,8 @@ def test_a_candidate_in_ab_keeps_its_place_and_auto_promote_leaves_it_to_the_use
     settings, client, registry = loop
     settings = settings.model_copy(update={"auto_promote": True, "ab_share": 0.5})
     under_test = registry.register(tiny_model, "rloo", "v1", {})
-    registry.set_candidate(under_test)
     registry.record_gate(under_test, {"passed": True, "reasons": []})
+    registry.set_candidate(under_test)
     submit_rankings(redis_url, fresh(completions[:12]))
 
     record = run_round("round-ab", LoopConfig.from_settings(settings, TINY), settings)

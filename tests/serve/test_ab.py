@@ -44,8 +44,8 @@ def registry(settings: Settings, redis_url: str, tiny_model: Path, tmp_path: Pat
     registry = Registry.from_settings(settings, sync_client(redis_url))
     registry.ensure_live(tiny_model)
     v2 = registry.register(variant(tiny_model, 2, tmp_path / "v2"), "rloo", "v1", {})
-    registry.set_candidate(v2)
     registry.record_gate(v2, {"passed": True, "reasons": []})
+    registry.set_candidate(v2)  # the candidate alias names gated versions only
     return registry
 
 
@@ -59,9 +59,8 @@ def test_only_a_candidate_that_passed_its_gate_enters_mixed_slates(
     assert eligible_candidate(registry, settings) == "v2"
     assert eligible_candidate(registry, settings.model_copy(update={"ab_share": 0.0})) is None
     v3 = registry.register(variant(tiny_model, 3, tmp_path / "v3"), "rloo", "v1", {})
-    registry.set_candidate(v3)
-    assert eligible_candidate(registry, settings) is None  # no gate yet
     registry.record_gate(v3, {"passed": False, "reasons": ["KL over budget"]})
+    registry.set_candidate(v3)
     assert eligible_candidate(registry, settings) is None
     assert Referee(registry, settings).step() is None
 

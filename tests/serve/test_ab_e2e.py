@@ -78,6 +78,7 @@ def test_candidate_answers_in_slates_make_it_live_by_win_rate(
         assert chat(server)["system_fingerprint"] == "v1"
         assert {c["version"] for c in chat(server)["choices"]} == {"v1"}  # no candidate yet
         v2 = registry.register(variant(tiny_model, 2, tmp_path / "v2"), "rloo", "v1", {})
+        registry.record_gate(v2, {"passed": False, "reasons": ["not yet"]})
         registry.set_candidate(v2)
         time.sleep(1)
         assert {c["version"] for c in chat(server)["choices"]} == {"v1"}  # gate not passed

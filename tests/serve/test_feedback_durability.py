@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,8 @@ from tests.conftest import PrivateRedis, start_server
 
 RESTARTS = 3
 POSTERS = 4
+COMPLETIONS = 1200  # an identity ranks a completion once: one completion per ranking
+PACE_S = 0.04  # between one poster's rankings, so the completions outlast the restarts
 
 
 def test_every_201_survives_redis_restarts_with_rankings_in_flight(
@@ -26,7 +29,11 @@ def test_every_201_survives_redis_restarts_with_rankings_in_flight(
         tiny_model,
         tmp_path / "data",
         redis_url=private_redis.url,
-        env={"LOOPCHAT_FEEDBACK_RATE": "1000000", "LOOPCHAT_ACCESS_LOG": "0"},
+        env={
+            "LOOPCHAT_FEEDBACK_RATE": "1000000",
+            "LOOPCHAT_CHAT_RATE": "1000000",
+            "LOOPCHAT_ACCESS_LOG": "0",
+        },  # fmt: skip
     )
     try:
         question = {
@@ -36,11 +43,16 @@ def test_every_201_survives_redis_restarts_with_rankings_in_flight(
             "max_tokens": 2,
             "temperature": 1.0,
         }
-        completion_ids = []
-        for _ in range(8):
-            reply = httpx.post(f"{server.base_url}/chat/completions", json=question, timeout=60)
-            assert reply.status_code == 200, reply.text
-            completion_ids.append(reply.json()["id"])
+
+        def create(count: int) -> list[str]:
+            with httpx.Client(base_url=server.base_url, timeout=60) as client:
+                replies = [client.post("/chat/completions", json=question) for _ in range(count)]
+            assert all(r.status_code == 200 for r in replies), replies[0].text
+            return [r.json()["id"] for r in replies]
+
+        with ThreadPoolExecutor(POSTERS) as pool:
+            batches = pool.map(create, [COMPLETIONS // POSTERS] * POSTERS)
+        unranked = iter([cid for batch in batches for cid in batch])
 
         stored: list[str] = []
         statuses: dict[int, int] = {}
@@ -49,14 +61,13 @@ def test_every_201_survives_redis_restarts_with_rankings_in_flight(
 
         def post(poster: int) -> None:
             with httpx.Client(base_url=server.base_url, timeout=30) as client:
-                for n in range(10**6):
-                    if stop.is_set():
+                while not stop.is_set():
+                    with lock:
+                        completion_id = next(unranked, None)
+                    if completion_id is None:
                         return
-                    body = {
-                        "completion_id": completion_ids[n % len(completion_ids)],
-                        "ranking": [1, 0],
-                        "user": f"p{poster}-u{n // len(completion_ids)}",  # each pair once
-                    }
+                    time.sleep(PACE_S)
+                    body = {"completion_id": completion_id, "ranking": [1, 0], "user": f"p{poster}"}
                     try:
                         reply = client.post("/feedback", json=body)
                     except httpx.TransportError:

@@ -18,8 +18,8 @@ def test_leaderboard_panel_shows_strengths_and_the_candidates_test(
     registry = Registry.from_settings(settings, sync_client(redis_url))
     registry.ensure_live(tiny_model)
     v2 = registry.register(tiny_model, "rloo", "v1", {})
-    registry.set_candidate(v2)
     registry.record_gate(v2, {"passed": True, "reasons": []})
+    registry.set_candidate(v2)
     empty = leaderboard(registry, settings)
     assert "Mixed rankings:** 0" in leaderboard_summary(empty)
     leaderboard_figure(empty)  # no comparisons yet: empty panels, no error
