@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve.errors import error_json
+from serve.protocol import ErrorResponse
 
 
 class NoUploads:
@@ -25,15 +27,13 @@ class NoUploads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            body = {
-                "error": {
-                    "message": "uploads are not accepted: no page here takes a file",
-                    "type": "permission_error",
-                    "param": None,
-                    "code": "uploads_disabled",
-                }
-            }
-            await JSONResponse(body, status_code=403)(scope, receive, send)
+            refused = ErrorResponse.make(
+                403,
+                "uploads are not accepted: no page here takes a file",
+                type="permission_error",
+                code="uploads_disabled",
+            )
+            await error_json(refused)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -186,6 +186,14 @@ def test_promote_refuses_unknown_versions_reward_models_and_failed_gates(
     assert api.post(f"/admin/checkpoints/{v2}/promote", json={"by": ""}).status_code == 422
 
 
+def wait_serving(api: TestClient, version: str, timeout: float = 60) -> None:
+    """Until the app's engine serves ``version``: a test leaves no swap running behind it."""
+    deadline = time.monotonic() + timeout
+    while api.get("/health").json()["version"] != version:
+        assert time.monotonic() < deadline, f"never swapped to {version}"
+        time.sleep(0.05)
+
+
 def test_an_ungated_version_is_409_unless_forced_with_a_reason(
     api: TestClient, registry: Registry, tiny_model: Path
 ) -> None:
@@ -195,6 +203,7 @@ def test_an_ungated_version_is_409_unless_forced_with_a_reason(
     assert registry.alias("live") == "v1"
     forced = api.post(f"/admin/checkpoints/{v2}/promote", json={"force": True, "reason": "hotfix"})
     assert forced.status_code == 200 and registry.history()[-1]["forced"] is True
+    wait_serving(api, v2)
 
 
 def test_rollback_pins_and_unpin_lifts_it(
@@ -203,12 +212,14 @@ def test_rollback_pins_and_unpin_lifts_it(
     v2 = registry.register(tiny_model, "ppo", "v1", {})
     registry.record_gate(v2, {"passed": True, "reasons": []})
     assert api.post(f"/admin/checkpoints/{v2}/promote").status_code == 200
+    wait_serving(api, v2)
     rolled = api.post("/admin/rollback", json={"reason": "bad answers", "by": "carol"}).json()
     assert rolled["live"] == "v1" and rolled["pin"]["by"] == "carol@testclient"
     assert api.get("/admin/checkpoints").json()["pin"]["version"] == "v1"
     lifted = api.post("/admin/unpin", json={"reason": "fixed"})
     assert lifted.status_code == 200 and lifted.json()["pin"] is None
     assert registry.history()[-1]["action"] == "unpin"
+    wait_serving(api, "v1")
 
 
 def test_rollback_is_409_without_a_previous_version(api: TestClient, registry: Registry) -> None:
