@@ -81,9 +81,7 @@ def test_a_ranking_of_a_mixed_slate_leaves_its_pairs_beside_the_event(
             await CompletionStore(client, 60).save(completion)
             service = FeedbackService(client, settings, on_mixed_ranking=lambda: None)
             request = FeedbackRequest(completion_id="chatcmpl-ab", ranking=[0, [1, 3], 2], user="u")
-            return await service.submit(request, None, None), await service.submit(
-                request, None, None
-            )
+            return await service.submit(request, "key:u"), await service.submit(request, "key:u")
         finally:
             await client.aclose()
 
@@ -193,6 +191,7 @@ def test_strengths_stay_relative_to_a_compared_version_when_live_has_no_pairs(
     for _ in range(10):
         record(registry, [[0], [1]], ["v2", "v1"])
     v3 = registry.register(variant(tiny_model, 3, tmp_path / "v3"), "rloo", "v1", {})
+    registry.record_gate(v3, {"passed": True, "reasons": []})
     registry.promote(v3, by="test", reason="an operator's choice, never compared")
     board = leaderboard(registry, settings, resamples=50)
     assert board["live"] == "v3" and board["anchor"] in {"v1", "v2"}
