@@ -85,14 +85,9 @@ class Server:
         return None
 
     def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        from serve.supervisor import stop_process
+
+        return stop_process(self.process, timeout)
 
 
 def embedded_url(data_dir: Path) -> str:
