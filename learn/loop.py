@@ -499,7 +499,9 @@ def run_round(
     if done:
         record = json.loads(done)
         finish_promotion(Registry.from_settings(settings, client), record)
-        ack_committed(client)
+        with RoundLock(client, config.lock_ttl_s) as lock:
+            if lock.held:  # else the running round acks them (it finds them in COUNTED)
+                ack_committed(client)
         return {**record, "replayed": True}
     with RoundLock(client, config.lock_ttl_s) as lock:
         if not lock.held:
@@ -531,7 +533,8 @@ def run_round(
 
 def ack_committed(client: redis.Redis) -> None:
     """Ack the entries committed rounds left unacked (their worker died right after the
-    commit): committed means counted, so acking them now changes no count."""
+    commit): committed means counted, so acking them now changes no count. Under the round
+    lock only: a running round decides what is new by looking in ``COUNTED``."""
     if entry_ids := sorted(client.smembers(COUNTED)):
         FeedbackLog(client).ack(entry_ids)
         client.srem(COUNTED, *entry_ids)

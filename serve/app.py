@@ -124,7 +124,9 @@ def create_app(
     app.state.settings = settings
     app.state.login_throttle = LoginThrottle(settings.admin_login_failures)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.include_router(feedback.router)  # first: the busiest route, matched before the others
     app.include_router(openai.router)
     app.include_router(health.router)

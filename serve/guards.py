@@ -1,7 +1,9 @@
 """Request guards shared by every route: client API keys, the caller's identity and the
-request-body size limit."""
+request body's size and time."""
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,15 +45,19 @@ async def request_identity(
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before any route runs.
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before any route runs,
+    one that has not fully arrived within ``timeout_s`` is answered 408.
 
     The body is read up to the limit and replayed to the app, so chunked uploads without a
     Content-Length are bounded too; later ``receive`` calls (disconnects) pass straight through.
+    The deadline covers the whole body: a client trickling a byte at a time (slowloris) holds a
+    connection and its buffer for ``timeout_s`` at most.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +68,15 @@ class BodySizeLimit:
             await self._too_large(scope, receive, send)
             return
         body = bytearray()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), deadline - asyncio.get_running_loop().time()
+                )
+            except TimeoutError:
+                await self._too_slow(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             body += message.get("body", b"")
@@ -86,3 +99,11 @@ class BodySizeLimit:
             code="request_too_large",
         )
         await error_json(error)(scope, receive, send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ErrorResponse.make(
+            408,
+            f"The request body did not arrive within {self.timeout_s:g} seconds.",
+            code="request_timeout",
+        )
+        await error_json(error, {"Connection": "close"})(scope, receive, send)

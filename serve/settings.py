@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body accepted (413 above)."
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive in full (408 after).",
+    )
     max_comment_chars: int = Field(default=2000, ge=0, description="Longest feedback comment.")
     redis_fsync: Literal["always", "everysec"] = Field(
         default="everysec",

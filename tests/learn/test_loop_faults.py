@@ -27,7 +27,7 @@ from tests.learn.loop_helpers import TINY, arithmetic_prompts, sample_completion
 # promotion must happen for the crash after it to be reached.
 LENIENT = {
     **TINY,
-    "lock_ttl_s": 2.0,
+    "lock_ttl_s": 5.0,  # renewed every 1.7 s; short, as the redelivery waits it out
     "gate": {**TINY["gate"], "require_signal": False, "significance": 1e6, "kl_budget": 1e6},
 }
 
@@ -82,13 +82,23 @@ def assert_counted_once(client, total: int) -> None:
     assert client.scard(COUNTED) == 0
 
 
+def crashed(
+    round_id: str, step: str, redis_url: str, data_dir: Path, tiny_model: Path, completions
+) -> tuple[Settings, Registry]:
+    """A loop with ``completions`` ranked whose round ``round_id`` died right after ``step``."""
+    settings, registry = setup_loop(redis_url, data_dir, tiny_model)
+    submit_rankings(redis_url, completions)
+    crash_round(round_id, step, settings)
+    return settings, registry
+
+
 def test_a_kill_right_after_the_promotion_does_not_train_on_the_rankings_again(
     redis_url: str, tmp_path: Path, tiny_model: Path, completions
 ) -> None:
-    settings, registry = setup_loop(redis_url, tmp_path, tiny_model)
+    settings, registry = crashed(
+        "r-promote", "promote", redis_url, tmp_path, tiny_model, completions
+    )
     client = registry.client
-    submit_rankings(redis_url, completions)
-    crash_round("r-promote", "promote", settings)
     time.sleep(LENIENT["lock_ttl_s"])  # the dead worker's lock lapses
 
     record = run_round("r-promote", settings=settings)  # the redelivered task
@@ -105,13 +115,12 @@ def test_a_kill_right_after_the_promotion_does_not_train_on_the_rankings_again(
 def test_a_kill_between_commit_and_promotion_is_finished_by_the_redelivered_round(
     redis_url: str, tmp_path: Path, tiny_model: Path, completions
 ) -> None:
-    settings, registry = setup_loop(redis_url, tmp_path, tiny_model)
+    settings, registry = crashed("r-commit", "commit", redis_url, tmp_path, tiny_model, completions)
     client = registry.client
-    submit_rankings(redis_url, completions)
-    crash_round("r-commit", "commit", settings)
     committed = json.loads(client.get(round_key("r-commit")))
     assert committed["promoted"] and registry.alias("live") == "v1"  # decided, not yet done
     versions = [m["version"] for m in registry.versions()]
+    time.sleep(LENIENT["lock_ttl_s"])  # the redelivery comes after the dead worker's lock lapsed
 
     replay = run_round("r-commit", settings=settings)
     assert replay["replayed"] is True
@@ -123,9 +132,8 @@ def test_a_kill_between_commit_and_promotion_is_finished_by_the_redelivered_roun
 def test_a_round_killed_before_committing_retrains_from_where_it_started(
     redis_url: str, tmp_path: Path, tiny_model: Path, completions
 ) -> None:
-    settings, registry = setup_loop(redis_url, tmp_path, tiny_model)
-    submit_rankings(redis_url, completions)
-    crash_round("r-register", "register", settings)
+    args = ("r-register", "register", redis_url, tmp_path, tiny_model, completions)
+    settings, registry = crashed(*args)
     [dead_rm] = made_by(registry, "r-register", "reward")
     time.sleep(LENIENT["lock_ttl_s"])
 
@@ -146,7 +154,7 @@ def test_a_round_survives_a_redis_restart_while_it_runs_and_counts_once(
     redis_server = PrivateRedis(tmp_path / "redis", fsync="always")
     try:
         settings, registry = setup_loop(redis_server.url, tmp_path / "data", tiny_model)
-        slow = {**LENIENT, "lock_ttl_s": 8.0, "rloo": {**TINY["rloo"], "steps": 150}}
+        slow = {**LENIENT, "lock_ttl_s": 8.0, "rloo": {**TINY["rloo"], "steps": 400}}
         config = LoopConfig.from_settings(settings, slow)
         submit_rankings(redis_server.url, completions)
         result: dict = {}

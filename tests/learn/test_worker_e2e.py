@@ -19,6 +19,7 @@ from serve.loop_trigger import celery_client
 from serve.registry import Registry
 from serve.settings import Settings
 from serve.store import sync_client
+from serve.supervisor import stop_process
 from tests.learn.loop_helpers import (
     TINY,
     arithmetic_prompts,
@@ -36,15 +37,6 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             env=env,
         )
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def worker_env(redis_url: str, tmp_path: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
@@ -66,7 +58,7 @@ def worker(redis_url: str, tmp_path: Path, tiny_model: Path):
     log = tmp_path / "worker.log"
     process = start_worker(worker_env(redis_url, tmp_path, tiny_model), log)
     yield process, log
-    stop(process)
+    stop_process(process)
 
 
 @pytest.mark.slow
@@ -146,7 +138,7 @@ def test_a_worker_killed_mid_round_has_its_round_redelivered_and_counted_once(
         first.wait()
         assert not client.llen(ROUNDS)
     finally:
-        stop(first)
+        stop_process(first)
 
     second = start_worker(env, log)
     try:
@@ -162,5 +154,5 @@ def test_a_worker_killed_mid_round_has_its_round_redelivered_and_counted_once(
         result = celery_client(redis_url).AsyncResult(record["round"]).get(timeout=30)
         assert result["round"] == record["round"]  # the very task that was queued, redelivered
     finally:
-        stop(second)
+        stop_process(second)
         client.close()

@@ -311,3 +311,21 @@ def test_a_swap_slower_than_its_timeout_is_abandoned_and_serving_goes_on(
         loop.close()
     assert {d.version for d in during + after} == {"v1"} and engine.version == "v1"
     assert during[-1].finish_reason in ("length", "stop")
+
+
+def test_detokenizer_work_per_token_does_not_grow_with_the_answer() -> None:
+    """Each token decodes a window of a few ids and searches only the new text for the stop
+    string, so a 4,000-token answer costs ~4,000 times one token, not 4,000² / 2."""
+
+    class Counting(CharTokenizer):
+        decoded = 0
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            Counting.decoded += len(ids)
+            return super().decode(ids, skip_special_tokens)
+
+    length = 4000
+    detok = Detokenizer(Counting(), ["STOP"])
+    shown, stopped = push_all(detok, "ab" * (length // 2) + "STOPcd")
+    assert stopped and "".join(shown) == "ab" * (length // 2)
+    assert Counting.decoded < 4 * (length + 6)

@@ -6,6 +6,7 @@ a short context and a small body limit) covers them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "LOOPCHAT_API_KEYS": f"{KEY}, sk-test-2",
         "LOOPCHAT_MAX_MODEL_LEN": "64",
         "LOOPCHAT_MAX_BODY_BYTES": "4096",
+        "LOOPCHAT_BODY_TIMEOUT_S": "1",
     }
     started = start_server(tiny_model, tmp_path_factory.mktemp("errors"), TEST_REDIS_URL, env=env)
     yield started
@@ -171,6 +173,34 @@ def test_body_over_the_limit_is_413(api: httpx.Client) -> None:
         yield b'"}]}'
 
     assert_error(api.post("/chat/completions", content=chunks()), 413, None, "larger")
+
+
+def test_a_body_that_stops_arriving_is_408_within_the_body_timeout(server: Server) -> None:
+    """A client that sends its headers and part of its body, then nothing, is answered 408
+    after LOOPCHAT_BODY_TIMEOUT_S (1 s here) instead of holding the connection for ever."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+            b'{"model": "loopchat", '
+        )
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            if not (data := sock.recv(4096)):
+                break
+            reply += data
+        waited = time.monotonic() - started
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.9 < waited < 10
 
 
 def test_unknown_route_and_method_keep_the_error_shape(api: httpx.Client) -> None:

