@@ -310,7 +310,10 @@ async def wait_for_round(
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=url, headers=admin_headers, timeout=30) as admin:
         while time.monotonic() < deadline:
-            response = await admin.get("/admin/loop", params={"rounds": 1000})
+            try:
+                response = await admin.get("/admin/loop", params={"rounds": 1000})
+            except httpx.TimeoutException:  # a server starved by the round's training: ask again
+                continue
             response.raise_for_status()
             for record in response.json()["rounds"]:
                 if record["round"] not in known:
