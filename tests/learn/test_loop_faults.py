@@ -43,6 +43,7 @@ def setup_loop(url: str, data_dir: Path, tiny_model: Path) -> tuple[Settings, Re
         data_dir=data_dir,
         model=str(tiny_model),
         auto_promote=True,
+        ab_share=0.0,  # promotion on the gate alone (online A/B off), as these rounds expect
         loop_config=json.dumps(LENIENT),
     )
     registry = Registry.from_settings(settings, sync_client(url))
@@ -59,6 +60,7 @@ def crash_round(round_id: str, step: str, settings: Settings) -> None:
         "LOOPCHAT_DATA_DIR": str(settings.data_dir),
         "LOOPCHAT_MODEL": str(settings.model),
         "LOOPCHAT_AUTO_PROMOTE": "1",
+        "LOOPCHAT_AB_SHARE": "0",
         "LOOPCHAT_LOOP_CONFIG": str(settings.loop_config),
     }
     done = subprocess.run(
