@@ -8,9 +8,20 @@ A version is a directory in Hugging Face format plus ``loopchat.json`` (its meta
 ``<checkpoints_url>/<version>``. Policies are ``v1, v2, …`` (kind ``sft``, or the learner that made
 it: ``ppo``, ``rloo``, ``dpo``, ``bon``); reward
 models are ``rm-1, rm-2, …`` (kind ``reward``). A version becomes visible only once fully
-written: files are copied under a temporary name, renamed to the version name, and only then is
-its metadata written to Redis, which is what every reader looks at. A crash mid-copy leaves an
-orphan directory that no reader ever sees.
+written: every file, then ``loopchat.json`` last, is in the store before its metadata is written
+to Redis, which is what every reader looks at. On a local disk the files go under a temporary
+name that is renamed to the version name (atomic); an object store has no rename (s3fs's ``mv``
+is a copy per object), so there they go straight to ``<version>/``. Either way a crash or an
+outage mid-copy leaves at most an orphan directory that no reader ever sees, and whose name is
+never handed out again.
+
+Object stores fail transiently (a dropped connection, a throttled request, a restart): every
+store operation is retried ``retries`` times with exponential backoff on errors that may pass
+(:func:`is_transient`), on top of the backend's own retries; an upload that still fails raises
+:class:`CheckpointStoreError` and registers nothing. For ``s3://`` the endpoint and credentials
+come from the standard variables (``AWS_ENDPOINT_URL`` or ``FSSPEC_S3_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), read by botocore and
+fsspec themselves.
 
 A policy over a large base may be a LoRA adapter directory instead (``serve.adapters``): its
 ``info.base`` names the registered version it adapts, ``base_path`` fetches that, and
@@ -61,6 +72,7 @@ Redis keys (prefix ``loopchat:registry:``):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -68,7 +80,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import fsspec
 import redis
@@ -83,6 +95,9 @@ KINDS: frozenset[str] = POLICY_KINDS | {"reward"}
 ALIASES: tuple[str, ...] = ("live", "candidate", "previous")
 METADATA_FILE = "loopchat.json"
 CHANNEL = key("registry", "events")
+RETRY_CAP_S = 8.0
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +107,12 @@ class RegistryError(Exception):
     stable machine-readable name for API error bodies)."""
 
     code = "registry_error"
+
+
+class CheckpointStoreError(RegistryError):
+    """The checkpoint store kept failing (after the retries): nothing was registered."""
+
+    code = "checkpoint_store_unavailable"
 
 
 class UnknownVersion(RegistryError):
@@ -173,6 +194,43 @@ def weights_finite(model_dir: Path) -> bool:
     return True
 
 
+# Errors that say the request itself is wrong, never worth repeating.
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+@functools.cache
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """botocore's connection and HTTP-client errors (when s3fs is installed), which s3fs lets
+    through untranslated once its own retries are spent."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return ()
+    return (BotoConnectionError, HTTPClientError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a store operation that raised ``exc`` may succeed if repeated: network and
+    server-side errors (fsspec backends turn an unrecognised 5xx into a plain ``OSError``), not
+    a missing file or a refused permission."""
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, *_network_errors()))
+
+
+def backoff_delays(attempts: int, first_s: float, cap_s: float) -> list[float]:
+    """Seconds to wait before each retry of an operation tried ``attempts`` times in all:
+    ``first_s`` doubling, each at most ``cap_s``."""
+    return [min(cap_s, first_s * 2**i) for i in range(max(0, attempts - 1))]
+
+
 def gate_reason(gate: dict) -> str:
     """The gate's ``reasons`` as one line."""
     return "; ".join(str(r) for r in gate.get("reasons") or []) or "no reason recorded"
@@ -187,14 +245,21 @@ class Registry:
         checkpoints_url: str,
         cache_dir: Path | None = None,
         keep: int | None = None,
+        retries: int = 5,
+        retry_delay_s: float = 0.5,
     ) -> None:
         """``client`` must decode responses (``serve.store.sync_client``). ``cache_dir`` holds
         local copies of versions from a remote store (default ``<data_dir>/cache/checkpoints``).
         With ``keep``, every registration ends with ``prune(keep)``, so the store stays bounded
-        whoever registers.
+        whoever registers. ``retries``: attempts per store operation (transient errors only),
+        waiting ``retry_delay_s`` doubling between them.
         """
+        if retries < 1:
+            raise RegistryError("retries must be at least 1")
         self.client = client
         self.keep = keep
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
         self.checkpoints_url = str(checkpoints_url).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.checkpoints_url)
         self.root = self.root.rstrip("/")
@@ -208,7 +273,13 @@ class Registry:
     def from_settings(cls, settings: Any, client: redis.Redis) -> Registry:
         """The registry for these settings (store ``checkpoints_url``, ``keep_versions``)."""
         cache_dir = Path(settings.data_dir) / "cache" / "checkpoints"
-        return cls(client, settings.checkpoints_url, cache_dir, keep=settings.keep_versions)
+        return cls(
+            client,
+            settings.checkpoints_url,
+            cache_dir,
+            keep=settings.keep_versions,
+            retries=settings.checkpoint_retries,
+        )
 
     # ------------------------------------------------------------------ versions
 
@@ -220,14 +291,70 @@ class Registry:
     def _store_path(self, version: str) -> str:
         return f"{self.root}/{version}"
 
+    def _retrying(self, what: str, operation: Callable[..., T], *args: Any) -> T:
+        """``operation(*args)``, repeated on transient errors; ``CheckpointStoreError`` once
+        ``retries`` attempts have failed. Listings cached by the backend are dropped before
+        each attempt: another host may have written since (a cache would hide it)."""
+        delays = backoff_delays(self.retries, self.retry_delay_s, RETRY_CAP_S)
+        for attempt in range(self.retries):
+            self.fs.invalidate_cache()
+            try:
+                return operation(*args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == len(delays):
+                    raise CheckpointStoreError(
+                        f"checkpoint store {self.checkpoints_url}: {what} failed "
+                        f"{self.retries} times, last: {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning(
+                    "checkpoint store: %s failed (%s: %s); retry %d/%d in %.1f s",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    len(delays),
+                    delays[attempt],
+                )
+                time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
+
     def _next_version(self, kind: str) -> str:
         """Reserve the next free version name; skips names whose directory already exists
-        (left by a crash or by a Redis that lost its data) so nothing stored is overwritten."""
+        (left by a crash, an outage or a Redis that lost its data) so nothing stored is
+        overwritten."""
         seq, prefix = ("policy", "v") if kind in POLICY_KINDS else ("reward", "rm-")
         while True:
             version = f"{prefix}{self.client.incr(_rkey('seq', seq))}"
-            if not self.fs.exists(self._store_path(version)):
+            path = self._store_path(version)
+            if not self._retrying(f"check {version}", self.fs.exists, path):
                 return version
+
+    def _write(self, local: Path, target: str, meta: dict) -> None:
+        """Copy the directory's files to ``target``, ``loopchat.json`` (``meta``) last."""
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            rel = file.relative_to(local).as_posix()
+            if rel == METADATA_FILE:
+                continue
+            dest = f"{target}/{rel}"
+            if self.is_local:  # object stores have no directories to make
+                self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            self._retrying(f"upload {rel}", self.fs.put_file, str(file), dest)
+        metadata = json.dumps(meta, indent=2).encode()
+        self._retrying(
+            f"write {METADATA_FILE}", self.fs.pipe_file, f"{target}/{METADATA_FILE}", metadata
+        )
+
+    def _discard(self, target: str) -> None:
+        """Delete a partial copy if the store lets us; if it does not (it is down), the orphan
+        stays, unseen: readers only know versions from Redis."""
+        try:
+            self.fs.invalidate_cache()
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+        except Exception as exc:
+            log.warning("left a partial copy at %s (%s: %s)", target, type(exc).__name__, exc)
 
     def register(
         self,
@@ -266,20 +393,14 @@ class Registry:
             "finite": finite,
             "uri": f"{self.checkpoints_url}/{version}",
         }
-        tmp = f"{self.root}/.tmp-{version}-{uuid.uuid4().hex[:8]}"
+        dest = self._store_path(version)
+        target = f"{self.root}/.tmp-{version}-{uuid.uuid4().hex[:8]}" if self.is_local else dest
         try:
-            for file in sorted(p for p in local.rglob("*") if p.is_file()):
-                rel = file.relative_to(local).as_posix()
-                if rel == METADATA_FILE:
-                    continue
-                target = f"{tmp}/{rel}"
-                self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(file), target)
-            self.fs.pipe_file(f"{tmp}/{METADATA_FILE}", json.dumps(meta, indent=2).encode())
-            self.fs.mv(tmp, self._store_path(version), recursive=True)
+            self._write(local, target, meta)
+            if target != dest:
+                self.fs.mv(target, dest, recursive=True)
         except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp, recursive=True)
+            self._discard(target)
             raise
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(_rkey("version", version), "meta", json.dumps(meta))
@@ -341,10 +462,12 @@ class Registry:
         tmp = self.cache_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         src = self._store_path(version)
         try:
-            for remote in self.fs.find(src):
+            for remote in self._retrying(f"list {version}", self.fs.find, src):
                 rel = remote[len(src) :].lstrip("/")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(remote, str(tmp / rel))
+                self._retrying(
+                    f"download {version}/{rel}", self.fs.get_file, remote, str(tmp / rel)
+                )
             tmp.rename(target)  # atomic; if another process won the race, keep its copy
         except OSError:
             if not (target / METADATA_FILE).is_file():
@@ -612,8 +735,9 @@ class Registry:
                     continue
                 if not self._forget_unless_aliased(version):
                     continue
-                if self.fs.exists(self._store_path(version)):
-                    self.fs.rm(self._store_path(version), recursive=True)
+                path = self._store_path(version)
+                if self._retrying(f"check {version}", self.fs.exists, path):
+                    self._retrying(f"delete {version}", self.fs.rm, path, True)
                 shutil.rmtree(self.cache_dir / version, ignore_errors=True)
                 deleted.append(version)
         return deleted

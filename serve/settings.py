@@ -34,8 +34,17 @@ class Settings(BaseSettings):
     )
     checkpoints: str | None = Field(
         default=None,
-        description="fsspec URL of the checkpoint store (a path or s3://...). Unset: "
-        "<data_dir>/checkpoints.",
+        description="fsspec URL of the checkpoint store (a path or s3://bucket/prefix). Unset: "
+        "<data_dir>/checkpoints. For s3:// (the `s3` extra) the endpoint and credentials come "
+        "from the standard variables: AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL), "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.",
+    )
+    checkpoint_retries: int = Field(
+        default=5,
+        ge=1,
+        le=20,
+        description="Attempts per checkpoint-store operation on transient errors (network, 5xx), "
+        "with backoff from 0.5 s doubling to 8 s; an upload that still fails registers nothing.",
     )
     model: str | None = Field(
         default=None,
