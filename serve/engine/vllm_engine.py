@@ -43,14 +43,20 @@ class VLLMEngine(Engine):
         # start, before the first adapter version exists.
         self.lora = learns_with_lora(self.base_dir, self.settings.lora_above)
         self._lora_ids = itertools.count(1)
+        # One LoRARequest per adapter directory for the engine's life: vLLM keys adapters by
+        # their int id, so swapping back to a version must reuse its id, not load a twin.
+        self._loras: dict[str, Any] = {}
 
     async def start(self) -> None:
         configure_environment(self.settings.data_dir)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # Two adapters per batch: the old and the new version overlap while a swap's in-flight
+        # requests finish. Kept loaded on CPU: as many as the registry keeps (rollbacks).
         lora = {"enable_lora": True, "max_lora_rank": max_rank(self.settings.lora_rank),
-                "max_loras": 2, "max_cpu_loras": 4} if self.lora else {}  # fmt: skip
+                "max_loras": 2, "max_cpu_loras": max(2, self.settings.keep_versions)
+                } if self.lora else {}  # fmt: skip
         args = AsyncEngineArgs(
             model=self.base_dir,
             enforce_eager=True,
@@ -101,8 +107,12 @@ class VLLMEngine(Engine):
             )
         if adapter_rank(adapter_dir) > max_rank(self.settings.lora_rank):
             raise EngineRequestError(f"{version}: adapter rank above LOOPCHAT_LORA_RANK")
-        request = LoRARequest(version, next(self._lora_ids), adapter_dir)
-        await self._llm.add_lora(request)
+        request = self._loras.get(adapter_dir)
+        if request is None:
+            request = self._loras[adapter_dir] = LoRARequest(
+                version, next(self._lora_ids), adapter_dir
+            )
+        await self._llm.add_lora(request)  # loads it again if vLLM evicted it meanwhile
         return request
 
     async def _stream(

@@ -73,6 +73,14 @@ def test_adapter_swaps_under_load_fail_nothing_label_every_answer_and_roll_back_
         seen["after"] = await asyncio.gather(*after)
         await engine.swap(adapters[1], "v3", tiny_model)
         seen["b"] = await answer("b1")
+        for round_trip in range(3):  # back and forth under load, as promotions and rollbacks go
+            for adapter, version in ((adapters[0], "v2"), (adapters[1], "v3")):
+                load = [
+                    asyncio.create_task(answer(f"rt{round_trip}{version}{i}")) for i in range(3)
+                ]
+                await asyncio.sleep(0)
+                await engine.swap(adapter, version, tiny_model)
+                await asyncio.gather(*load)  # every request admitted before the swap finishes
         await engine.swap(adapters[0], "v2", tiny_model)  # rollback to v2
         seen["back"] = await answer("b2")
         await engine.swap(tiny_model, "v1")  # rollback to the bare base
