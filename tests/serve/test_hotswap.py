@@ -78,7 +78,10 @@ class Cluster:
             self.data_dir,
             TEST_REDIS_URL,
             engine=engine,
-            env={"LOOPCHAT_ADMIN_TOKEN": TOKEN},
+            env={
+                "LOOPCHAT_ADMIN_TOKEN": TOKEN,
+                "LOOPCHAT_CHAT_RATE": str(10**6),
+            },  # many clients, one address
         )
         self.servers[engine] = server
         return server
