@@ -6,17 +6,22 @@ from Human Feedback in LLMs". One step, as :func:`rloo_step` runs it:
 1. **sampling** — the current policy samples K answers to each of ``prompts_per_step`` prompts
    (transformers ``generate``, seeded once per round).
 2. **scoring** — the reward model's normalised score of each answer; the frozen SFT
-   reference's log-probs of its tokens; the policy's own log-probs (the forward that the
-   gradient then flows through: with one on-policy step they *are* the old log-probs, so no
-   separate no-grad forward is spent on them).
+   reference's log-probs of its tokens; the policy's own log-probs (no-grad forwards of
+   ``micro_batch_size`` answers each).
 3. **sequence reward** — ``r = score − missing_eos_penalty·[cut at response_length] − β·KL``,
    where ``KL = Σ_t log π(y_t) − log π_SFT(y_t)`` over the answer's tokens (the k1 estimate of
    KL(π‖π_SFT) for the whole answer). The whole answer is one action: β and the EOS penalty
    enter the reward once, not per token, and reach the gradient only through the advantage.
 4. **advantage** — ``A_i = r_i − mean_{j≠i} r_j`` within each prompt's group of K
    (optionally divided by the group's standard deviation, as GRPO does).
-5. **update** — one gradient step on ``−Σ_i A_i·Σ_t log π(y_i,t) / Σ_i |y_i|``; then the KL
-   controller updates β.
+5. **update** — one gradient step on ``−Σ_i A_i·Σ_t log π(y_i,t) / Σ_i |y_i|``, its gradient
+   accumulated one micro-batch at a time; then the KL controller updates β.
+
+Why the policy's log-probs are computed twice (once without a graph for the KL and the
+advantages, once with it for the gradient): the advantages must be known before any backward,
+and holding the graph of the whole step's answers at once is what a real model's vocabulary
+cannot afford — 64 answers of SmolLM2-135M (49k-token logits, 30 layers of activations) took
+the worker past 15 GB. One more no-grad forward costs far less than the sampling.
 
 Why a leave-one-out baseline instead of PPO's value head: the baseline of answer i is the mean
 reward of the K−1 *other* answers to the same prompt, so it is unbiased (it does not depend on
@@ -153,14 +158,22 @@ def rloo_advantages(
     return advantages
 
 
-def rloo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rloo_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """REINFORCE on whole answers: ``−Σ_i A_i·Σ_t log π(y_i,t) / Σ_i |y_i|``.
 
     Dividing by the batch's answer tokens rather than per answer keeps every token's weight
     the same (a long answer is not down-weighted), while keeping the step size independent of
-    the typical answer length.
+    the typical answer length. ``tokens`` is that divisor when these rows are one micro-batch
+    of a larger batch (default: this batch's own answer tokens), so the micro-batches' losses
+    sum to the whole batch's.
     """
-    return -(advantages * (logprobs * mask).sum(1)).sum() / mask.sum()
+    divisor = mask.sum() if tokens is None else tokens
+    return -(advantages * (logprobs * mask).sum(1)).sum() / divisor
 
 
 # --- forwards ------------------------------------------------------------------------------------
@@ -174,6 +187,49 @@ def answer_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) 
     ).last_hidden_state
     index = rollout.response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return model.get_output_embeddings()(hidden.gather(1, index)).float() / temperature
+
+
+def micro_batches(rollout: Rollout, size: int) -> list[torch.Tensor]:
+    """Row indices of ``rollout`` in chunks of ``size``: one forward (and backward) each."""
+    ids = rollout.input_ids
+    return list(torch.arange(ids.shape[0], device=ids.device).split(size))
+
+
+@torch.no_grad()
+def rollout_logprobs(
+    model: PreTrainedModel, rollout: Rollout, temperature: float, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies (B, R) of the rollout's answer tokens, ``size`` rows a forward:
+    without a graph only one micro-batch's (rows, R, V) logits exist at a time."""
+    logprobs, entropies = [], []
+    for rows in micro_batches(rollout, size):
+        logits = answer_logits(model, rollout.select(rows), temperature)
+        logprobs.append(rlhf.logprobs_from_logits(logits, rollout.responses[rows]))
+        entropies.append(rlhf.entropy_from_logits(logits))
+    return torch.cat(logprobs), torch.cat(entropies)
+
+
+def accumulate_gradient(
+    policy: PreTrainedModel,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    temperature: float,
+    size: int,
+) -> float:
+    """Backpropagate :func:`rloo_loss` of the whole rollout one micro-batch at a time (each
+    divided by the whole batch's answer tokens, so the gradients add up to the full batch's);
+    returns the loss."""
+    tokens = rollout.response_mask.sum()
+    total = 0.0
+    for rows in micro_batches(rollout, size):
+        part = rollout.select(rows)
+        logprobs = rlhf.logprobs_from_logits(
+            answer_logits(policy, part, temperature), part.responses
+        )
+        loss = rloo_loss(logprobs, advantages[rows], part.response_mask, tokens)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def sample_groups(
@@ -209,28 +265,26 @@ def rloo_step(
 
     clock = time.perf_counter()
     mask = rollout.response_mask
-    device = rollout.input_ids.device
-    with torch.no_grad(), autocast(device, config.bf16):
-        ref_logits = answer_logits(ref, rollout, config.temperature)
-        ref_logprobs = rlhf.logprobs_from_logits(ref_logits, rollout.responses)
-        del ref_logits
+    size = config.micro_batch_size
+    with torch.no_grad(), autocast(rollout.input_ids.device, config.bf16):
+        ref_logprobs, _ = rollout_logprobs(ref, rollout, config.temperature, size)
+        logprobs, entropies = rollout_logprobs(policy, rollout, config.temperature, size)
         encoded = [(q + a, len(q)) for q, a in zip(queries, answers, strict=True)]
-        scores = score_ids(rm, encoded, tokenizer.pad_token_id).to(device)
-    with autocast(device, config.bf16):
-        logits = answer_logits(policy, rollout, config.temperature)
-        logprobs = rlhf.logprobs_from_logits(logits, rollout.responses)
-    with torch.no_grad():
-        entropy = rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask).item()
-        kl = (rlhf.kl_per_token(logprobs.detach(), ref_logprobs) * mask).sum(1)
+        scores = score_ids(rm, encoded, tokenizer.pad_token_id, batch_size=size)
+        scores = scores.to(rollout.input_ids.device)
+        entropy = rlhf.masked_mean(entropies, mask).item()
+        kl = (rlhf.kl_per_token(logprobs, ref_logprobs) * mask).sum(1)
         rewards = sequence_rewards(scores, kl, rollout.ended, kl_coef, config.missing_eos_penalty)
         groups = rewards.view(-1, config.k)
         advantages = rloo_advantages(groups, config.normalize_advantages).view(-1)
     t_forwards = time.perf_counter() - clock
 
+    # The policy's no-grad log-probs above are the sampling policy's (one on-policy step, eval
+    # mode): the gradient pass below recomputes them, one micro-batch's graph at a time.
     clock = time.perf_counter()
-    loss = rloo_loss(logprobs, advantages, mask)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with autocast(rollout.input_ids.device, config.bf16):
+        loss = accumulate_gradient(policy, rollout, advantages, config.temperature, size)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
     optimizer.step()
     t_backward = time.perf_counter() - clock
@@ -243,7 +297,7 @@ def rloo_step(
         "ended": rollout.ended.float().mean().item(),
         "response_length": mask.sum(1).mean().item(),
         "entropy": entropy,
-        "loss": loss.item(),
+        "loss": loss,
         "grad_norm": grad_norm.item(),
         "time_generation": t_generation,
         "time_forwards": t_forwards,

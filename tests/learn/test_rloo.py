@@ -13,7 +13,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from learn.learner import RoundData, learner, load_state
-from learn.rloo import RLOOConfig, rloo_advantages, rloo_loss, sequence_rewards, train_round
+from learn.rlhf import logprobs_from_logits
+from learn.rloo import (
+    RLOOConfig,
+    accumulate_gradient,
+    answer_logits,
+    rloo_advantages,
+    rloo_loss,
+    rollout_logprobs,
+    sequence_rewards,
+    train_round,
+)
+from learn.tokens import make_rollout
 from tests.learn.rlhf_helpers import (
     PROMPTS,
     assert_learned_the_preference,
@@ -86,6 +97,32 @@ def test_loss_weights_each_answers_total_logprob_by_its_advantage_per_batch_toke
     assert loss.item() == pytest.approx(-(2.0 * -3.0 + -1.0 * -1.5) / 5)
     loss.backward()
     assert torch.allclose(logprobs.grad, -advantages[:, None] * mask / 5)
+
+
+def test_micro_batches_give_the_whole_batchs_logprobs_loss_and_gradient(
+    models: tuple[Path, Path],
+) -> None:
+    """The memory bound changes nothing computed: 5 answers of mixed lengths in passes of 2
+    (the last one short) against one pass over all 5."""
+    policy = AutoModelForCausalLM.from_pretrained(models[0])
+    prompts = [[1, 5, 6], [1, 7], [1, 5, 6], [1, 8, 9, 10], [1, 7]]
+    answers = [[11, 12, 2], [13], [11, 2], [14, 15, 16, 17], [18, 19]]
+    rollout = make_rollout(prompts, answers, pad_id=0, eos_id=2)
+    advantages = torch.tensor([0.7, -1.2, 0.3, 0.9, -0.4])
+
+    whole = logprobs_from_logits(answer_logits(policy, rollout, 0.8), rollout.responses)
+    loss = rloo_loss(whole, advantages, rollout.response_mask)
+    loss.backward()
+    expected = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+
+    logprobs, _ = rollout_logprobs(policy, rollout, 0.8, size=2)
+    assert torch.allclose(logprobs, whole.detach(), atol=1e-5)
+    assert accumulate_gradient(policy, rollout, advantages, 0.8, size=2) == pytest.approx(
+        loss.item(), abs=1e-5
+    )
+    for param, grad in zip(policy.parameters(), expected, strict=True):
+        assert torch.allclose(param.grad, grad, atol=1e-5)
 
 
 # --- a round on the tiny yes/no models -----------------------------------------------------------

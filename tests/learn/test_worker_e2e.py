@@ -120,7 +120,10 @@ def test_a_worker_killed_mid_round_has_its_round_redelivered_and_counted_once(
         tmp_path,
         tiny_model,
         LOOPCHAT_TASK_VISIBILITY_S="5",
-        LOOPCHAT_LOOP_CONFIG=json.dumps({**TINY, "lock_ttl_s": 3.0}),
+        # a round long enough (200 policy steps, ~5 s) that the kill lands inside it
+        LOOPCHAT_LOOP_CONFIG=json.dumps(
+            {**TINY, "lock_ttl_s": 3.0, "rloo": {**TINY["rloo"], "steps": 200}}
+        ),
     )
     log = tmp_path / "worker.log"
     completions = sample_completions(tiny_model, arithmetic_prompts(12, seed=4), n=3)
@@ -129,14 +132,17 @@ def test_a_worker_killed_mid_round_has_its_round_redelivered_and_counted_once(
     try:
         submit_rankings(redis_url, completions, round_every=12)  # queues one round
         deadline = time.monotonic() + 300
-        while not (client.exists(ROUND_LOCK) and client.xpending(STREAM, GROUP)["pending"]):
+        while not (
+            client.exists(ROUND_LOCK)
+            and client.xpending(STREAM, GROUP)["pending"]
+            and "rloo step 0:" in log.read_text()  # into the training
+        ):
             assert first.poll() is None, f"worker exited:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"no round started:\n{log.read_text()[-4000:]}"
             time.sleep(0.05)
-        time.sleep(1.0)  # into the training
         first.kill()  # kill -9: no ack, no requeue by the worker itself
         first.wait()
-        assert not client.llen(ROUNDS)
+        assert not client.llen(ROUNDS), "the round ended before the kill: lengthen it"
     finally:
         stop_process(first)
 
