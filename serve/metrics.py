@@ -37,6 +37,14 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+SWAP_SECONDS = Histogram(
+    "loopchat_swap_seconds",
+    "Time the engine took to switch versions: kind=adapter over the same base (no drain), "
+    "kind=weights for a drain and reload.",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
 LIVE_VERSION = Gauge(
     "loopchat_live_version_info",
     "The checkpoint version the engine serves (value 1 on its label).",

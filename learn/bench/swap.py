@@ -6,7 +6,10 @@ through the admin API every few seconds (``POST /admin/checkpoints/{v}/promote``
 operator's path), then lets the service run quietly again. It reports request latency p50/p99
 and time to first token before, during and after the swaps, every failed request, any response
 whose chunks named two versions (the engine contract says none), and how long each promotion
-took to reach users (first chunk carrying the new ``system_fingerprint``).
+took to reach users (first chunk carrying the new ``system_fingerprint``). That last figure
+includes waiting for a request that starts after the promotion to produce its first token; the
+engine's own switch time (``loopchat_swap_seconds`` from ``GET /metrics``: adapter switches and
+weight reloads) is reported beside it.
 
 The swapped-in versions are registered copies of the served model: the engine reloads real
 weights from a new directory each time, which is the cost being measured. With ``--adapters``
@@ -133,8 +136,32 @@ async def _run(svc: Service, versions: list[str], args: argparse.Namespace) -> d
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=svc.url, headers=svc.admin_headers, timeout=120) as admin:
         await asyncio.gather(operator(admin), *(user(i) for i in range(args.clients)))
+        scraped = (await admin.get("/metrics")).text
     await client.aclose()
-    return _analyse(requests, swaps, started)
+    return _analyse(requests, swaps, started) | {"engine_swaps": engine_swaps(scraped)}
+
+
+def engine_swaps(exposition: str) -> dict[str, dict[str, Any]]:
+    """Per kind of switch (adapter, weights): how many, their mean seconds, and how many took
+    at most 1 s — read from the ``loopchat_swap_seconds`` histogram of a ``/metrics`` page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds: dict[str, dict[str, Any]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name != "loopchat_swap_seconds":
+            continue
+        for sample in family.samples:
+            row = kinds.setdefault(sample.labels["kind"], {})
+            if sample.name.endswith("_count"):
+                row["count"] = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                row["sum_s"] = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == 1.0:
+                row["within_1s"] = int(sample.value)
+    return {
+        kind: {**row, "mean_s": row["sum_s"] / row["count"] if row.get("count") else None}
+        for kind, row in kinds.items()
+    }
 
 
 def _analyse(requests: list[Request], swaps: list[Swap], started: float) -> dict[str, Any]:
@@ -267,9 +294,15 @@ def run(args: argparse.Namespace) -> int:
         f"{name} p50 {_s(p['latency']['p50_s'])} p99 {_s(p['latency']['p99_s'])}"
         for name, p in result["phases"].items()
     )
+    switches = ", ".join(
+        f"{kind} switches {row.get('count', 0)} (mean {_s(row['mean_s'])}, "
+        f"{row.get('within_1s', 0)} within 1 s)"
+        for kind, row in result["engine_swaps"].items()
+    )
     print(
         f"bench swap: {summary}; failed {result['failed_requests']}, mixed "
-        f"{result['mixed_version_responses']}; wrote {path} and {plot}"
+        f"{result['mixed_version_responses']}; engine: {switches or 'no switches'}; "
+        f"wrote {path} and {plot}"
     )
     return 0
 

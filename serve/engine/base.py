@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serve.adapters import is_adapter
+from serve.metrics import SWAP_SECONDS
 from serve.settings import Settings
 
 log = logging.getLogger("loopchat.serve")
@@ -237,9 +239,11 @@ class Engine(ABC):
         """
         model_dir, base = str(model_dir), str(base_dir or model_dir)
         async with self._swap_lock:
+            started = time.perf_counter()
             if base == self.base_dir:  # same base weights: only the adapter changes
                 adapter = await self._adapter_for(model_dir, version, base_dir)
                 self.model_dir, self.version, self._adapter = model_dir, version, adapter
+                SWAP_SECONDS.labels(kind="adapter").observe(time.perf_counter() - started)
                 return
             self._open.clear()
             try:
@@ -248,5 +252,6 @@ class Engine(ABC):
                 self.base_dir, self._adapter = base, None
                 adapter = await self._adapter_for(model_dir, version, base_dir)
                 self.model_dir, self.version, self._adapter = model_dir, version, adapter
+                SWAP_SECONDS.labels(kind="weights").observe(time.perf_counter() - started)
             finally:
                 self._open.set()

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serve.adapters import is_adapter, learns_with_lora, load_merged, parameter_count
 from serve.engine import make_engine
 from serve.engine.base import Delta, SamplingOptions
+from serve.metrics import REGISTRY
 from serve.settings import Settings
 
 GREEDY = SamplingOptions(n=1, temperature=0.0, max_tokens=12)
@@ -88,7 +89,14 @@ def test_adapter_swaps_under_load_fail_nothing_label_every_answer_and_roll_back_
         await engine.shutdown()
         return seen
 
+    def switches(kind: str) -> float:
+        return REGISTRY.get_sample_value("loopchat_swap_seconds_count", {"kind": kind}) or 0.0
+
+    before = {kind: switches(kind) for kind in ("adapter", "weights")}
     seen = asyncio.run(scenario())
+    # all ten switches (the bare base included) were adapter switches: the base never reloaded
+    assert switches("adapter") - before["adapter"] == 10
+    assert switches("weights") == before["weights"]
     base_text = seen["base"][0]
     assert all(versions == {"v1"} and text == base_text for text, versions in seen["in_flight"])
     a_text = seen["after"][0][0]
