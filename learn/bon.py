@@ -66,7 +66,13 @@ from transformers import AutoTokenizer, PreTrainedModel
 from learn.learner import RoundData, SamplingOptions, restore_optimizer, save_state
 from learn.modeling import autocast, load_policy, resolve_device, save_policy
 from learn.reward import check_model_dir, load_reward_model, score_ids
-from learn.tokens import Encoded, answer_logprobs, encode_answer, encode_prompt, generate_answers
+from learn.tokens import (
+    Encoded,
+    backward_answer_logprobs,
+    encode_answer,
+    encode_prompt,
+    generate_answers,
+)
 from serve.events import FeedbackEvent, normalise_ranking, ranking_pairs
 
 logger = logging.getLogger(__name__)
@@ -237,6 +243,12 @@ def select_samples(
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 
+def mean_nll(average_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The distillation loss: the answers' mean per-token negative log-likelihood."""
+    nll = -average_logprobs.mean()
+    return nll, {"nll": nll.item()}
+
+
 def distil(
     policy: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
@@ -254,13 +266,14 @@ def distil(
         losses = []
         for first in range(0, len(order), config.batch_size):
             batch = order[first : first + config.batch_size]
-            with autocast(policy.device, config.bf16):
-                nll = -answer_logprobs(policy, batch, pad_id, len(batch), average=True).mean()
             optimizer.zero_grad(set_to_none=True)
-            nll.backward()
+            with autocast(policy.device, config.bf16):
+                stats = backward_answer_logprobs(
+                    policy, batch, pad_id, config.micro_batch_size, mean_nll, average=True
+                )
             torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
-            losses.append(nll.item())
+            losses.append(stats["nll"])
             steps += 1
         epoch_losses.append(sum(losses) / len(losses))
     policy.eval()

@@ -50,7 +50,7 @@ from learn.learner import RoundData, TrainerOptions, restore_optimizer, save_sta
 from learn.modeling import autocast, load_causal_lm, load_policy, resolve_device, save_policy
 from learn.reward import RankedAnswers, check_model_dir, encode_events
 from learn.rlhf import batch_pairs
-from learn.tokens import Encoded, answer_logprobs
+from learn.tokens import Encoded, answer_logprobs, backward_answer_logprobs
 from serve.events import FeedbackEvent, count_pairs, has_preference
 
 logger = logging.getLogger(__name__)
@@ -281,17 +281,23 @@ def train_step(
     pad_id: int,
     config: DPOConfig,
 ) -> dict[str, float]:
-    """One gradient step on a batch of rankings (one forward for all their answers)."""
+    """One gradient step on a batch of rankings (their answers' forwards ``micro_batch_size``
+    sequences at a time, see :func:`learn.tokens.backward_answer_logprobs`)."""
     batch = batch.to(policy.device)
-    with autocast(policy.device, config.bf16):
-        logprobs = answer_logprobs(policy, batch.sequences, pad_id, len(batch.sequences))
-    pair_loss, nll = step_losses(logprobs.float(), batch, config)
-    loss = pair_loss + config.sft_coef * nll
+
+    def objective(logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        pair_loss, nll = step_losses(logprobs.float(), batch, config)
+        loss = pair_loss + config.sft_coef * nll
+        return loss, {"loss": loss.item(), "pair_loss": pair_loss.item(), "sft_loss": nll.item()}
+
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with autocast(policy.device, config.bf16):
+        stats = backward_answer_logprobs(
+            policy, batch.sequences, pad_id, config.micro_batch_size, objective
+        )
     torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
     optimizer.step()
-    return {"loss": loss.item(), "pair_loss": pair_loss.item(), "sft_loss": nll.item()}
+    return stats
 
 
 def train_epoch(

@@ -14,7 +14,7 @@ Two layouts, each for a reason:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,39 @@ def answer_logprobs(
         total = (sequence_logprobs(model, ids, mask) * target).sum(dim=1)
         totals.append(total / target.sum(dim=1).clamp(min=1) if average else total)
     return torch.cat(totals)
+
+
+def backward_answer_logprobs(
+    model: PreTrainedModel,
+    sequences: Sequence[Encoded],
+    pad_id: int,
+    size: int,
+    objective: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    average: bool = False,
+) -> dict[str, float]:
+    """Backpropagate ``objective(answer log-probs of all sequences)`` into ``model`` with only
+    ``size`` sequences' graph alive at a time, and return the objective's statistics.
+
+    A loss that couples answers (DPO's pairs, a ranking's) cannot be split into micro-batch
+    losses, but its gradient can: the log-probs are computed once without a graph, the loss's
+    gradient with respect to them is taken on that leaf, and each micro-batch's forward is then
+    backpropagated with its slice of it — the chain rule, so the full batch's gradient for one
+    more forward (exact when the forward is deterministic, as with no dropout). A batch of at
+    most ``size`` sequences takes the direct path. ``average`` as in :func:`answer_logprobs`.
+    """
+    if len(sequences) <= size:
+        loss, stats = objective(answer_logprobs(model, sequences, pad_id, size, average))
+        loss.backward()
+        return stats
+    with torch.no_grad():
+        leaf = answer_logprobs(model, sequences, pad_id, size, average).requires_grad_(True)
+    with torch.enable_grad():
+        loss, stats = objective(leaf)
+        (gradient,) = torch.autograd.grad(loss, leaf)
+    for first in range(0, len(sequences), size):
+        part = answer_logprobs(model, sequences[first : first + size], pad_id, size, average)
+        part.backward(gradient[first : first + size].to(part.dtype))
+    return stats
 
 
 @torch.no_grad()
