@@ -14,8 +14,10 @@ with the tokenizer), so the learners need no LoRA code of their own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +49,44 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on ``device`` when ``enabled`` (a no-op context otherwise)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+Forward = Callable[[slice], tuple[torch.Tensor, ...]]
+Objective = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def backward_in_micro_batches(
+    rows: int, size: int, forward: Forward, objective: Objective
+) -> dict[str, Any]:
+    """Backpropagate ``objective(forward(all rows))`` with only ``size`` rows' graph alive at a
+    time; returns the objective's statistics.
+
+    A loss that couples rows (DPO's pairs, PPO's token means over a minibatch) cannot be split
+    into micro-batch losses, but its gradient can: the forward's outputs are computed once
+    without a graph, the loss's gradient with respect to them is taken on those leaves, and
+    each micro-batch's forward is then backpropagated with its slice of it — the chain rule, so
+    the full batch's gradient for one more forward (exact when the forward is deterministic:
+    no dropout). At most ``size`` rows take the direct path. ``forward(rows)`` returns tensors
+    whose first dimension is the rows.
+    """
+    if rows <= size:
+        loss, stats = objective(forward(slice(0, rows)))
+        loss.backward()
+        return stats
+    chunks = [slice(first, min(first + size, rows)) for first in range(0, rows, size)]
+    with torch.no_grad():
+        parts = [forward(chunk) for chunk in chunks]
+    leaves = tuple(torch.cat(outputs).requires_grad_(True) for outputs in zip(*parts, strict=True))
+    with torch.enable_grad():
+        loss, stats = objective(leaves)
+        gradients = torch.autograd.grad(loss, leaves, allow_unused=True)
+    used = [i for i, gradient in enumerate(gradients) if gradient is not None]
+    for chunk in chunks:
+        outputs = forward(chunk)
+        torch.autograd.backward(
+            [outputs[i] for i in used], [gradients[i][chunk].to(outputs[i].dtype) for i in used]
+        )
+    return stats
 
 
 def adapter_base(adapter_dir: str | Path) -> str:

@@ -40,6 +40,7 @@ from learn.modeling import (
     LoraOptions,
     autocast,
     backbone,
+    backward_in_micro_batches,
     load_causal_lm,
     load_policy,
     resolve_device,
@@ -317,37 +318,46 @@ def ppo_minibatch_step(
     config: PPOConfig,
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """One gradient step on the rows ``rows`` of the experience (plus a ptx batch)."""
+    """One gradient step on the rows ``rows`` of the experience (plus a ptx batch), their
+    forwards ``micro_batch_size`` rows at a time (the minibatch's token means couple its rows:
+    :func:`learn.modeling.backward_in_micro_batches` keeps the gradient the whole minibatch's)."""
     batch = exp.rollout.select(rows)
     mask = batch.response_mask
     old_logprobs, advantages = exp.logprobs[rows], exp.advantages[rows]
-    with autocast(batch.input_ids.device, config.bf16):
-        logits, values = policy(batch, config.temperature)
-        logprobs = rlhf.logprobs_from_logits(logits, batch.responses)
+    old_values, returns = exp.values[rows], exp.returns[rows]
+
+    def forward(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        piece = batch.select(part)
+        logits, values = policy(piece, config.temperature)
+        return rlhf.logprobs_from_logits(logits, piece.responses), values
+
+    def objective(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        logprobs, values = outputs
         pg_loss = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, config.cliprange)
-        vf_loss = rlhf.value_loss(
-            values, exp.values[rows], exp.returns[rows], mask, config.cliprange_value
-        )
-        loss = pg_loss + config.vf_coef * vf_loss
-        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item()}
-        if ptx is not None:
+        vf_loss = rlhf.value_loss(values, old_values, returns, mask, config.cliprange_value)
+        lp = logprobs.detach()
+        return pg_loss + config.vf_coef * vf_loss, {
+            "policy_loss": pg_loss.item(),
+            "value_loss": vf_loss.item(),
+            "clip_fraction": rlhf.clip_fraction(
+                lp, old_logprobs, advantages, mask, config.cliprange
+            ),
+            "approx_kl": rlhf.approx_kl(lp, old_logprobs, mask),
+        }
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(batch.input_ids.device, config.bf16):
+        stats = backward_in_micro_batches(len(rows), config.micro_batch_size, forward, objective)
+        if ptx is not None:  # a term of its own rows: backpropagated on its own
             pick = torch.randint(len(ptx), (config.ptx_batch_size,), generator=generator)
             ptx_ids = ptx[pick]
             ptx_mask = torch.ones_like(ptx_ids)
             ptx_logprobs = sequence_logprobs(policy.lm, ptx_ids, ptx_mask)
             ptx_term = rlhf.ptx_loss(ptx_logprobs, ptx_mask[:, 1:], config.ptx_coef)
-            loss = loss + ptx_term
+            ptx_term.backward()
             stats["ptx_loss"] = ptx_term.item()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
     optimizer.step()
-    with torch.no_grad():
-        lp = logprobs.detach()
-        stats["clip_fraction"] = rlhf.clip_fraction(
-            lp, old_logprobs, advantages, mask, config.cliprange
-        )
-        stats["approx_kl"] = rlhf.approx_kl(lp, old_logprobs, mask)
     return stats
 
 

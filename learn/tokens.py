@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from learn import rlhf
+from learn.modeling import backward_in_micro_batches
 from serve.events import Messages
 
 Encoded = tuple[list[int], int]  # prompt + answer token ids, and where the answer starts
@@ -99,7 +100,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) float, 1 on answer tokens
     ended: torch.Tensor  # (B,) bool: the answer closed with end-of-turn
 
-    def select(self, rows: torch.Tensor) -> Rollout:
+    def select(self, rows: torch.Tensor | slice) -> Rollout:
         return Rollout(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
     def to(self, device: torch.device) -> Rollout:
@@ -200,29 +201,16 @@ def backward_answer_logprobs(
     objective: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
     average: bool = False,
 ) -> dict[str, float]:
-    """Backpropagate ``objective(answer log-probs of all sequences)`` into ``model`` with only
-    ``size`` sequences' graph alive at a time, and return the objective's statistics.
-
-    A loss that couples answers (DPO's pairs, a ranking's) cannot be split into micro-batch
-    losses, but its gradient can: the log-probs are computed once without a graph, the loss's
-    gradient with respect to them is taken on that leaf, and each micro-batch's forward is then
-    backpropagated with its slice of it — the chain rule, so the full batch's gradient for one
-    more forward (exact when the forward is deterministic, as with no dropout). A batch of at
-    most ``size`` sequences takes the direct path. ``average`` as in :func:`answer_logprobs`.
-    """
-    if len(sequences) <= size:
-        loss, stats = objective(answer_logprobs(model, sequences, pad_id, size, average))
-        loss.backward()
-        return stats
-    with torch.no_grad():
-        leaf = answer_logprobs(model, sequences, pad_id, size, average).requires_grad_(True)
-    with torch.enable_grad():
-        loss, stats = objective(leaf)
-        (gradient,) = torch.autograd.grad(loss, leaf)
-    for first in range(0, len(sequences), size):
-        part = answer_logprobs(model, sequences[first : first + size], pad_id, size, average)
-        part.backward(gradient[first : first + size].to(part.dtype))
-    return stats
+    """Backpropagate ``objective(answer log-probs of all sequences)`` into ``model``, ``size``
+    sequences' graph at a time (:func:`learn.modeling.backward_in_micro_batches`: the gradient
+    of the whole batch even when the objective couples answers, as DPO's pairs do); returns the
+    objective's statistics. ``average`` as in :func:`answer_logprobs`."""
+    return backward_in_micro_batches(
+        len(sequences),
+        size,
+        lambda rows: (answer_logprobs(model, sequences[rows], pad_id, size, average),),
+        lambda outputs: objective(outputs[0]),
+    )
 
 
 @torch.no_grad()

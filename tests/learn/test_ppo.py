@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from learn.ppo import PPOConfig, train_ppo
-from learn.tokens import sequence_logprobs
+from learn.ppo import Experience, PolicyWithValue, PPOConfig, ppo_minibatch_step, train_ppo
+from learn.tokens import make_rollout, sequence_logprobs
 from tests.learn.rlhf_helpers import (
     PROMPTS,
     assert_learned_the_preference,
@@ -115,6 +115,40 @@ def test_hf_generate_fallback_runs_the_same_step(models: tuple[Path, Path], tmp_
     assert "sampler_logprob_gap" not in metrics["history"][0]
     assert "ptx_loss" not in metrics["history"][0]  # no pre-training text: no ptx term
     assert AutoModelForCausalLM.from_pretrained(tmp_path) is not None
+
+
+def test_a_minibatch_step_in_micro_batches_makes_the_whole_minibatchs_update(
+    models: tuple[Path, Path],
+) -> None:
+    """micro_batch_size bounds memory, not the update: the same SGD step from the same start
+    with 5 rows in passes of 2 as in one pass (clipped ratio, clipped values, token means)."""
+    rollout = make_rollout(
+        [[1, 5, 6], [1, 7], [1, 5, 6], [1, 8, 9, 10], [1, 7]],
+        [[11, 12, 2], [13], [11, 2], [14, 15, 16, 17], [18, 19]],
+        pad_id=0, eos_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    shape = rollout.responses.shape
+    exp = Experience(
+        rollout,
+        torch.randn(shape) - 3.0,
+        torch.randn(shape),
+        torch.randn(shape),
+        torch.randn(shape),
+    )
+
+    def step(micro_batch_size: int) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(models[0]))
+        torch.nn.init.normal_(policy.value_head.weight)  # a value loss with a gradient
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        config = PPOConfig(micro_batch_size=micro_batch_size, max_grad_norm=1e9, device="cpu")
+        rows = torch.arange(5)
+        ppo_minibatch_step(policy, optimizer, exp, rows, None, config, torch.Generator())
+        return [p.detach().clone() for p in policy.parameters()]
+
+    for whole, micro in zip(step(64), step(2), strict=True):
+        assert torch.allclose(whole, micro, atol=1e-6)
 
 
 def test_sequence_logprobs_are_the_same_with_left_or_right_padding(
