@@ -67,7 +67,8 @@ def backward_in_micro_batches(
     each micro-batch's forward is then backpropagated with its slice of it — the chain rule, so
     the full batch's gradient for one more forward (exact when the forward is deterministic:
     no dropout). At most ``size`` rows take the direct path. ``forward(rows)`` returns tensors
-    whose first dimension is the rows.
+    whose first dimension is the rows; parameters the objective uses itself (a reward model's
+    likelihood weight) get their gradients too.
     """
     if rows <= size:
         loss, stats = objective(forward(slice(0, rows)))
@@ -79,12 +80,12 @@ def backward_in_micro_batches(
     leaves = tuple(torch.cat(outputs).requires_grad_(True) for outputs in zip(*parts, strict=True))
     with torch.enable_grad():
         loss, stats = objective(leaves)
-        gradients = torch.autograd.grad(loss, leaves, allow_unused=True)
-    used = [i for i, gradient in enumerate(gradients) if gradient is not None]
+        loss.backward()  # the leaves' gradients, and those of parameters the objective uses
+    used = [i for i, leaf in enumerate(leaves) if leaf.grad is not None]
     for chunk in chunks:
         outputs = forward(chunk)
         torch.autograd.backward(
-            [outputs[i] for i in used], [gradients[i][chunk].to(outputs[i].dtype) for i in used]
+            [outputs[i] for i in used], [leaves[i].grad[chunk].to(outputs[i].dtype) for i in used]
         )
     return stats
 

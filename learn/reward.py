@@ -43,7 +43,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from learn.modeling import LoraOptions, adapter_base, backbone, resolve_device
+from learn.modeling import (
+    LoraOptions,
+    adapter_base,
+    backbone,
+    backward_in_micro_batches,
+    resolve_device,
+)
 from learn.rlhf import batch_pairs, pairwise_accuracy, pairwise_ranking_loss
 from learn.tokens import Encoded, encode_answer, pad_right
 from serve.adapters import is_adapter
@@ -91,6 +97,13 @@ class RewardConfig:
             "held-out rankings are given."
         },
     )
+    micro_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Answers per forward/backward pass; the step's gradient is the whole "
+            "batch's (see learn.learner.TrainerOptions)."
+        },
+    )
     likelihood_feature: bool = field(
         default=True,
         metadata={
@@ -107,8 +120,10 @@ class RewardConfig:
             raise ValueError("device must be auto, cpu or cuda")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be > 0")
-        if min(self.epochs, self.rankings_per_batch, self.max_length) < 1:
-            raise ValueError("epochs, rankings_per_batch and max_length must be >= 1")
+        if min(self.epochs, self.rankings_per_batch, self.max_length, self.micro_batch_size) < 1:
+            raise ValueError(
+                "epochs, rankings_per_batch, max_length and micro_batch_size must be >= 1"
+            )
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
 
@@ -316,6 +331,35 @@ def batch_parts(
     )
 
 
+def backward_ranking_loss(
+    model: PreTrainedModel,
+    batch: Sequence[RankedAnswers],
+    pad_id: int,
+    likelihood: bool,
+    weight: torch.Tensor,
+    micro_batch_size: int,
+) -> float:
+    """Backpropagate the pairwise loss of a batch of rankings, ``micro_batch_size`` answers'
+    forwards at a time (the loss couples a ranking's answers:
+    :func:`learn.modeling.backward_in_micro_batches`); returns the loss."""
+    sequences = [s for item in batch for s in item.sequences]
+    input_ids, attention_mask, answer_mask = pad_right(sequences, pad_id)
+    pairs, owner = batch_pair_indices(batch, model.device)
+
+    def forward(rows: slice) -> tuple[torch.Tensor, ...]:
+        head, lik = head_and_likelihood(
+            model, input_ids[rows], attention_mask[rows], answer_mask[rows] if likelihood else None
+        )
+        return (head,) if lik is None else (head, lik)
+
+    def objective(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        head, lik = outputs if len(outputs) == 2 else (outputs[0], None)
+        loss = pairwise_ranking_loss(combine(head, lik, weight), pairs, owner)
+        return loss, {"loss": loss.item()}
+
+    return backward_in_micro_batches(len(sequences), micro_batch_size, forward, objective)["loss"]
+
+
 def combine(head: torch.Tensor, likelihood: torch.Tensor | None, weight: Any) -> torch.Tensor:
     """The reward: head score plus the weighted likelihood (when there is one)."""
     return head if likelihood is None else head + weight * likelihood
@@ -446,15 +490,14 @@ def train_reward_model(
         epoch_losses = []
         for start in range(0, len(order), config.rankings_per_batch):
             chunk = order[start : start + config.rankings_per_batch]
-            head, likelihood = batch_parts(model, chunk, pad_id, use_likelihood)
-            pairs, owner = batch_pair_indices(chunk, device)
-            loss = pairwise_ranking_loss(combine(head, likelihood, weight), pairs, owner)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_ranking_loss(
+                model, chunk, pad_id, use_likelihood, weight, config.micro_batch_size
+            )
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            epoch_losses.append(loss.item())
+            epoch_losses.append(loss)
             step += 1
         logger.info("reward model epoch done: step %d loss %.4f", step, _mean(epoch_losses))
 

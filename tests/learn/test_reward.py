@@ -10,7 +10,9 @@ import torch
 from transformers import AutoTokenizer
 
 from learn.reward import (
+    RankedAnswers,
     RewardConfig,
+    backward_ranking_loss,
     head_and_likelihood,
     init_reward_model,
     last_token_rewards,
@@ -155,6 +157,33 @@ def test_likelihood_term_is_the_answers_mean_token_log_likelihood_under_the_sft_
     for row, (seq, start) in enumerate(encoded):
         expected = token_logprobs[row, start - 1 : len(seq) - 1].mean()
         assert likelihood[row].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_a_ranking_step_in_micro_batches_has_the_whole_batchs_gradients(sft: Path) -> None:
+    """Two rankings of 3 and 2 answers (one tie group) in passes of 2 answers: the same loss,
+    the same gradients of the backbone, the head and the likelihood weight as one pass."""
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    answers = [["yes yes", "no", "yes no yes"], ["no no no", "yes"]]
+    batch = [
+        RankedAnswers(
+            [encode_answer(tokenizer, prompt_messages(i), a, 256) for a in group], ranking
+        )
+        for i, (group, ranking) in enumerate(zip(answers, [[[2], [0, 1]], [[1], [0]]], strict=True))
+    ]
+
+    def gradients(micro_batch_size: int) -> tuple[float, list[torch.Tensor]]:
+        rm, _ = init_reward_model(sft, seed=0)
+        weight = torch.nn.Parameter(torch.tensor(0.7))
+        loss = backward_ranking_loss(rm.eval(), batch, tokenizer.pad_token_id, True, weight,
+                                     micro_batch_size)  # fmt: skip
+        return loss, [weight.grad, *(p.grad for p in rm.parameters() if p.grad is not None)]
+
+    whole_loss, whole = gradients(16)
+    micro_loss, micro = gradients(2)
+    assert micro_loss == pytest.approx(whole_loss, abs=1e-6)
+    assert len(micro) == len(whole) > 1 and whole[0] != 0
+    for a, b in zip(whole, micro, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_likelihood_weight_takes_the_sign_of_the_users_preference(
