@@ -43,13 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from learn.modeling import (
-    LoraOptions,
-    adapter_base,
-    backbone,
-    backward_in_micro_batches,
-    resolve_device,
-)
+from learn.modeling import LoraOptions, adapter_base, autocast, backbone, resolve_device
 from learn.rlhf import batch_pairs, pairwise_accuracy, pairwise_ranking_loss
 from learn.tokens import Encoded, encode_answer, pad_right
 from serve.adapters import is_adapter
@@ -100,9 +94,12 @@ class RewardConfig:
     micro_batch_size: int = field(
         default=8,
         metadata={
-            "help": "Answers per forward/backward pass; the step's gradient is the whole "
-            "batch's (see learn.learner.TrainerOptions)."
+            "help": "Answers per forward/backward pass (whole rankings; one ranking alone if "
+            "it has more); the step's gradient is the whole batch's."
         },
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast for forwards and backward (CPU/GPU)."}
     )
     likelihood_feature: bool = field(
         default=True,
@@ -326,9 +323,10 @@ def batch_parts(
     """Head scores and (if ``likelihood``) answer likelihoods of every answer of a batch."""
     sequences = [s for item in batch for s in item.sequences]
     input_ids, attention_mask, answer_mask = pad_right(sequences, pad_id)
-    return head_and_likelihood(
+    head, lik = head_and_likelihood(
         model, input_ids, attention_mask, answer_mask if likelihood else None
     )
+    return head.float(), lik  # float32 even under bf16 autocast: rewards are compared
 
 
 def backward_ranking_loss(
@@ -339,25 +337,39 @@ def backward_ranking_loss(
     weight: torch.Tensor,
     micro_batch_size: int,
 ) -> float:
-    """Backpropagate the pairwise loss of a batch of rankings, ``micro_batch_size`` answers'
-    forwards at a time (the loss couples a ranking's answers:
-    :func:`learn.modeling.backward_in_micro_batches`); returns the loss."""
-    sequences = [s for item in batch for s in item.sequences]
-    input_ids, attention_mask, answer_mask = pad_right(sequences, pad_id)
-    pairs, owner = batch_pair_indices(batch, model.device)
+    """Backpropagate the pairwise loss of a batch of rankings, whole rankings of at most
+    ``micro_batch_size`` answers a pass (one ranking alone if it has more); returns the loss.
 
-    def forward(rows: slice) -> tuple[torch.Tensor, ...]:
-        head, lik = head_and_likelihood(
-            model, input_ids[rows], attention_mask[rows], answer_mask[rows] if likelihood else None
-        )
-        return (head,) if lik is None else (head, lik)
+    The loss is a mean over rankings, so each pass's mean weighted by its share of the
+    batch's rankings adds up to the batch's loss and gradient with no extra forward.
+    """
+    owners = batch_pair_indices(batch, torch.device("cpu"))[1]
+    counted = len(owners.unique())
+    total = 0.0
+    for group in ranking_groups(batch, micro_batch_size):
+        pairs, owner = batch_pair_indices(group, model.device)
+        if not len(pairs):  # all tied: nothing to learn from this pass
+            continue
+        head, lik = batch_parts(model, group, pad_id, likelihood)
+        share = len(owner.unique()) / counted
+        loss = pairwise_ranking_loss(combine(head, lik, weight), pairs, owner) * share
+        loss.backward()
+        total += loss.item()
+    return total
 
-    def objective(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
-        head, lik = outputs if len(outputs) == 2 else (outputs[0], None)
-        loss = pairwise_ranking_loss(combine(head, lik, weight), pairs, owner)
-        return loss, {"loss": loss.item()}
 
-    return backward_in_micro_batches(len(sequences), micro_batch_size, forward, objective)["loss"]
+def ranking_groups(
+    batch: Sequence[RankedAnswers], max_answers: int
+) -> list[Sequence[RankedAnswers]]:
+    """Consecutive runs of whole rankings with at most ``max_answers`` answers each."""
+    groups: list[Sequence[RankedAnswers]] = []
+    first, answers = 0, 0
+    for i, item in enumerate(batch):
+        if i > first and answers + len(item.sequences) > max_answers:
+            groups.append(batch[first:i])
+            first, answers = i, 0
+        answers += len(item.sequences)
+    return [*groups, batch[first:]] if batch else groups
 
 
 def combine(head: torch.Tensor, likelihood: torch.Tensor | None, weight: Any) -> torch.Tensor:
@@ -400,12 +412,14 @@ def score_rankings(
     pad_id: int,
     batch_size: int,
     likelihood: bool,
+    bf16: bool = False,
 ) -> ScoredRankings:
     """One no-gradient pass over ``data``."""
     model.eval()
     heads, likelihoods = [], []
     for start in range(0, len(data), batch_size):
-        head, lik = batch_parts(model, data[start : start + batch_size], pad_id, likelihood)
+        with autocast(model.device, bf16):
+            head, lik = batch_parts(model, data[start : start + batch_size], pad_id, likelihood)
         heads.append(head.cpu())
         likelihoods.append(lik.cpu() if lik is not None else None)
     pairs, owner = batch_pair_indices(data, torch.device("cpu"))
@@ -473,7 +487,7 @@ def train_reward_model(
     batch = 2 * config.rankings_per_batch
     weight = torch.nn.Parameter(torch.tensor(likelihood_weight(model), device=device))
     if use_likelihood:  # fit the one weight first, so the head learns what it leaves unexplained
-        scored = score_rankings(model, train, pad_id, batch, likelihood=True)
+        scored = score_rankings(model, train, pad_id, batch, True, config.bf16)
         weight.data.fill_(fit_likelihood_weight(scored, weight.item()))
     parameters = [*model.parameters(), weight] if use_likelihood else list(model.parameters())
     optimizer = torch.optim.AdamW(
@@ -491,9 +505,10 @@ def train_reward_model(
         for start in range(0, len(order), config.rankings_per_batch):
             chunk = order[start : start + config.rankings_per_batch]
             optimizer.zero_grad(set_to_none=True)
-            loss = backward_ranking_loss(
-                model, chunk, pad_id, use_likelihood, weight, config.micro_batch_size
-            )
+            with autocast(device, config.bf16):
+                loss = backward_ranking_loss(
+                    model, chunk, pad_id, use_likelihood, weight, config.micro_batch_size
+                )
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             schedule.step()
@@ -502,9 +517,12 @@ def train_reward_model(
         logger.info("reward model epoch done: step %d loss %.4f", step, _mean(epoch_losses))
 
     final_weight = weight.item() if use_likelihood else 0.0
-    on_train = score_rankings(model, train, pad_id, batch, use_likelihood).metrics(final_weight)
+    on_train = score_rankings(model, train, pad_id, batch, use_likelihood, config.bf16)
+    on_train = on_train.metrics(final_weight)
     on_heldout = (
-        score_rankings(model, heldout, pad_id, batch, use_likelihood).metrics(final_weight)
+        score_rankings(model, heldout, pad_id, batch, use_likelihood, config.bf16).metrics(
+            final_weight
+        )
         if heldout
         else None
     )

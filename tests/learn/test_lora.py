@@ -27,7 +27,8 @@ from serve.store import Completion, sync_client
 from tests.learn.loop_helpers import TINY, arithmetic_prompts, sample_completions, submit_rankings
 from tests.learn.test_loop import fresh
 
-LORA = {**TINY, "rloo": {**TINY["rloo"], "learning_rate": 5e-2}}  # visible change in one step
+# The round's LoRA sizing (LoopConfig.lora) kept tiny: a visible change in one step, in bf16
+LORA = {**TINY, "lora": {"rloo": {"learning_rate": 5e-2, "bf16": True}, "reward": {"bf16": True}}}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,9 @@ def test_each_learner_trains_an_adapter_over_the_sft_base_on_a_large_model(
 
     candidate = registry.get(record["candidate"])
     assert candidate["kind"] == name and candidate["info"]["base"] == "v1"
+    if name == "rloo":  # the round applied the LoRA sizing over the rest
+        assert candidate["metrics"]["config"]["learning_rate"] == 5e-2
+        assert candidate["metrics"]["config"]["bf16"] and candidate["metrics"]["config"]["k"] == 2
     adapter_dir = registry.local_path(record["candidate"])
     assert is_adapter(adapter_dir) and not (adapter_dir / "model.safetensors").exists()
     assert registry.base_path(record["candidate"]) == registry.local_path("v1")
