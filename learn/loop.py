@@ -24,6 +24,13 @@ consumed untrained (``learn.identity_caps``; counted in the record's ``data_wind
 The reward model also replays the ``rm_replay`` rankings before them, warm-starting from the
 previous one.
 
+**What a round reads.** Never the whole stream: its new rankings (through the group), the ones
+the previous round held out (by id), and the newest ``history_window`` rankings, where the
+replay and the on-policy prompts come from (:func:`round_history`). After its commit and acks
+it trims the stream to ``LOOPCHAT_FEEDBACK_RETENTION`` rankings, never one still pending, not
+yet delivered to the group, or held out for the next round (``FeedbackLog.trim``; the
+``loopchat:feedback:trimmed`` counter keeps the all-time total).
+
 **Continuity.** The learner (``LOOPCHAT_LEARNER``: ppo, rloo, dpo or bon; ``learn.learner``)
 starts from the previous round's candidate and trainer state whether or not it was promoted
 (:func:`continuation`); its KL reference stays the SFT model; the gate decides only what goes
@@ -58,7 +65,7 @@ ops page:
      "started_at": float, "finished_at": float,                       # unix time
      "stream": {"first": "<entry id>", "last": "<entry id>", "count": int},   # consumed
      "rankings_new": int,          # new rankings this round consumed (each counted once)
-     "rankings_total": int,        # rankings in the stream when the round read it
+     "rankings_total": int,        # rankings ever stored (kept + trimmed) when the round read
      "rankings_unusable": {"all_tied": int, "all_bad": int},   # of the new ones
      "data_window": {"first": id, "last": id, "train": int, "heldout": int, "replay": int,
                      "capped": int},
@@ -126,6 +133,7 @@ from serve.events import (
     FeedbackEvent,
     FeedbackLog,
     round_key,
+    stream_order,
     unusable_reason,
 )
 from serve.registry import Pinned, Registry
@@ -183,13 +191,22 @@ class LoopConfig:
             "are consumed untrained (learn/identity_caps.py). 1 = no cap."
         },
     )
+    history_window: int = field(
+        default=8192,
+        metadata={
+            "help": "Newest rankings of the stream a round reads besides its new ones and the "
+            "last round's held-out ones: the reward model's replay and the on-policy prompts "
+            "come from them. A round never reads the whole stream."
+        },
+    )
     max_prompts: int = field(
         default=1024,
         metadata={
             "help": "Prompts of the on-policy learners (ppo, rloo, bon): the most recent distinct "
-            "conversations of the whole stream but the held-out ones. Many distinct prompts make "
-            "the gain carry over to new questions: offline, with the true correctness as reward, "
-            "PPO on 1,024 prompts raised held-out prompts by 7 points, on 128 prompts by 2."
+            "conversations of the round's rankings (history_window) but the held-out ones. Many "
+            "distinct prompts make the gain carry over to new questions: offline, with the true "
+            "correctness as reward, PPO on 1,024 prompts raised held-out prompts by 7 points, on "
+            "128 prompts by 2."
         },
     )
     ptx_texts: int = field(
@@ -367,12 +384,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def stream_order(entry_id: str) -> tuple[int, int]:
-    """Sort key of a stream entry id ``"<ms>-<seq>"``."""
-    ms, seq = entry_id.split("-")
-    return int(ms), int(seq)
-
-
 @dataclass
 class RoundRankings:
     """Which rankings a round uses, and how (see the module docstring)."""
@@ -395,8 +406,20 @@ class RoundRankings:
         }
 
 
+def round_history(
+    feedback: FeedbackLog, new: list[Entry], carried: set[str], window: int
+) -> list[Entry]:
+    """The rankings a round knows, in stream order: ``new`` (from the group), the ``carried``
+    ids the previous round held out, and the newest ``window`` of the stream (the replay and
+    the prompts come from these). Bounded by the round's size, not the stream's."""
+    known = dict(feedback.newest(window))
+    known.update(new)
+    known.update(feedback.get(carried - known.keys()))
+    return sorted(known.items(), key=lambda e: stream_order(e[0]))
+
+
 def select_rankings(
-    everything: list[Entry], new: list[Entry], carried: set[str], config: LoopConfig
+    known: list[Entry], new: list[Entry], carried: set[str], config: LoopConfig
 ) -> RoundRankings:
     """Train on what is new (and what the last round held out), hold out the newest share.
 
@@ -410,7 +433,7 @@ def select_rankings(
         if reason := unusable_reason(event):
             unusable[reason] = unusable.get(reason, 0) + 1
     fresh_ids = {entry_id for entry_id, _ in new} | carried
-    pool = [(i, e) for i, e in everything if i in fresh_ids and unusable_reason(e) is None]
+    pool = [(i, e) for i, e in known if i in fresh_ids and unusable_reason(e) is None]
     pool, capped = cap_per_identity(pool, config.max_identity_share)
     n_held = 0
     if len(pool) >= 2 and config.heldout_fraction > 0:
@@ -418,7 +441,7 @@ def select_rankings(
             config.max_heldout, len(pool) - 1, max(1, round(len(pool) * config.heldout_fraction))
         )
     train, heldout = pool[: len(pool) - n_held], pool[len(pool) - n_held :]
-    older = [(i, e) for i, e in everything if i not in fresh_ids and unusable_reason(e) is None]
+    older = [(i, e) for i, e in known if i not in fresh_ids and unusable_reason(e) is None]
     replay = older[-config.rm_replay :] if config.rm_replay else []
     replay, _ = cap_per_identity(replay, config.max_identity_share)
     return RoundRankings(train, heldout, replay, unusable, capped)
@@ -550,6 +573,11 @@ def run_round(
             finish_promotion(Registry.from_settings(settings, client), record)
             feedback.ack(consumed)
             client.srem(COUNTED, *consumed)
+            trimmed = feedback.trim(
+                settings.feedback_retention, [entry_id for entry_id, _ in rankings.heldout]
+            )
+            if trimmed:
+                log.info("round %s: trimmed %d old rankings from the stream", round_id, trimmed)
         return record
 
 
@@ -623,9 +651,9 @@ def _round(
         skipped = f"{len(new)} new rankings, fewer than min_new_rankings={config.min_new_rankings}"
         return {"round": round_id, "skipped": skipped}, [], None
 
-    everything = list(feedback.iter_events())
     carried = set(json.loads(client.get(HELDOUT) or "[]"))
-    rankings = select_rankings(everything, new, carried, config)
+    known = round_history(feedback, new, carried, config.history_window)
+    rankings = select_rankings(known, new, carried, config)
     if not rankings.train:  # e.g. only all-bad rankings so far; they wait for the next round
         return {"round": round_id, "skipped": "no ranking orders two answers yet"}, [], None
     timings["read"] = time.time() - started
@@ -680,7 +708,7 @@ def _round(
             reward_dir=rm_dir,
             events=train,
             prompts=distinct_prompts(
-                [event for _, event in everything], config.max_prompts, leave_out=heldout
+                [event for _, event in known], config.max_prompts, leave_out=heldout
             ),
             ptx_texts=ptx_texts(settings.ptx, reference_dir, config.ptx_texts, config.seed),
             state=state,
@@ -746,7 +774,7 @@ def _round(
         "finished_at": time.time(),
         "stream": {"first": new_ids[0], "last": new_ids[-1], "count": len(new_ids)},
         "rankings_new": len(new_ids),
-        "rankings_total": len(everything),
+        "rankings_total": feedback.total(),
         "rankings_unusable": rankings.unusable,
         "data_window": rankings.window(),
         "live": live,

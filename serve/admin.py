@@ -168,10 +168,11 @@ class AdminService:
     def loop_status(self, rounds: int = 20) -> dict[str, Any]:
         """Rankings since the last round and the last ``rounds`` round records, oldest first.
 
-        The feedback stream is append-only, so the rankings that arrived after the last
-        completed round are the stream's length minus that round's ``rankings_total``.
+        Rankings ever stored (those the stream keeps plus those trimmed beyond its retention)
+        only grow, so the ones that arrived after the last completed round are that total
+        minus the round's ``rankings_total``.
         """
-        total = FeedbackLog(self.client).length()
+        total = FeedbackLog(self.client).total()
         records = [json.loads(r) for r in self.client.lrange(ROUNDS, -rounds, -1)] if rounds else []
         last_done = self._last_done_round()
         since = total - last_done["rankings_total"] if last_done else total

@@ -1,15 +1,17 @@
 """What crosses from serve/ to learn/: the feedback event, rankings, and the loop's Redis keys.
 
 The API writes one :class:`FeedbackEvent` per ranking to the Stream ``loopchat:feedback``
-(``serve.feedback``); the learner reads it back through :class:`FeedbackLog` and records its
-rounds under ``loopchat:loop:*``. Both sides take the event's shape, the ranking rules and every
-key name from here, so they cannot drift apart. Nothing here imports training code or FastAPI.
+(``serve.feedback``); the learner reads it back through :class:`FeedbackLog`, records its
+rounds under ``loopchat:loop:*`` and, after each round, trims the stream to its retention
+(:meth:`FeedbackLog.trim`: never a ranking the learner still needs). Both sides take the
+event's shape, the ranking rules and every key name from here, so they cannot drift apart.
+Nothing here imports training code or FastAPI.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, NotRequired, TypedDict
 
@@ -41,6 +43,7 @@ class FeedbackEvent(TypedDict):
 # --- the feedback stream and the loop's keys ---------------------------------------------------
 
 STREAM = key("feedback")  # the Stream of FeedbackEvents, one per ranking
+TRIMMED = key("feedback", "trimmed")  # counter: rankings trimmed from the stream (all-time totals)
 GROUP = "learner"  # the consumer group learning rounds read through
 SINCE_ROUND = key("loop", "since_round")  # rankings since the last triggered round
 ROUNDS = key("loop", "rounds")  # JSON round records, oldest first
@@ -53,6 +56,12 @@ UNUSABLE = key("loop", "unusable")  # hash: consumed rankings that order nothing
 WORKERS = key("workers")  # sorted set: learning worker name -> unix time of its last heartbeat
 
 MISSED_BEATS = 3  # a worker whose last heartbeat is older than this many intervals is dead
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """Sort key of a stream entry id ``"<ms>-<seq>"``."""
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 def round_key(round_id: str) -> str:
@@ -127,18 +136,45 @@ def unusable_reason(event: FeedbackEvent) -> str | None:
 
 # --- reading the stream -------------------------------------------------------------------------
 
+TRIM_PAGE = 1000  # most rankings one trim script drops (it holds them in Redis's memory meanwhile)
+
+# Drop the oldest rankings beyond the newest ARGV[1], only among those older than ARGV[2] (the
+# oldest the learner still needs), at most ARGV[3] at once, and count them in KEYS[2]. KEYS:
+# stream, trimmed counter. Answers how many went. The victims are exactly the oldest ones, so
+# an exact MAXLEN drops them and nothing else (entries added meanwhile are newer).
+_TRIM_LUA = """
+local length = redis.call('XLEN', KEYS[1])
+local excess = length - tonumber(ARGV[1])
+if excess <= 0 then return 0 end
+local old = redis.call('XRANGE', KEYS[1], '-', '(' .. ARGV[2], 'COUNT',
+                       math.min(excess, tonumber(ARGV[3])))
+if #old == 0 then return 0 end
+local dropped = redis.call('XTRIM', KEYS[1], 'MAXLEN', length - #old)
+redis.call('INCRBY', KEYS[2], dropped)
+return dropped
+"""
+
 
 class FeedbackLog:
     """The learner's view of the feedback stream, through the consumer group ``learner``.
 
     Entries are ``(stream entry id, event dict)``. ``client`` must decode responses
-    (``serve.store.sync_client``).
+    (``serve.store.sync_client``). The stream keeps the newest rankings up to its retention
+    (:meth:`trim`); ``trimmed`` counts the ones dropped, so all-time totals survive trimming.
     """
 
-    def __init__(self, client: redis.Redis, stream: str = STREAM, group: str = GROUP) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str = STREAM,
+        group: str = GROUP,
+        trimmed: str = TRIMMED,
+    ) -> None:
         self.client = client
         self.stream = stream
         self.group = group
+        self.trimmed = trimmed
+        self._trim = client.register_script(_TRIM_LUA)
 
     def ensure_group(self) -> None:
         """Create the group (and the stream) if missing; starts from the first ranking ever."""
@@ -218,5 +254,71 @@ class FeedbackLog:
             yield from batch
             start = f"({batch[-1][0]}"
 
+    def get(self, entry_ids: Iterable[str]) -> list[tuple[str, FeedbackEvent]]:
+        """The stored rankings of ``entry_ids`` (those still kept), in stream order."""
+        wanted = sorted(set(entry_ids), key=stream_order)
+        with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in wanted:
+                pipe.xrange(self.stream, entry_id, entry_id, count=1)
+            replies = pipe.execute() if wanted else []
+        return [entry for reply in replies for entry in self._decode(reply)]
+
+    def newest(self, count: int, page: int = 1000) -> list[tuple[str, FeedbackEvent]]:
+        """The newest ``count`` rankings, oldest first, read from the end ``page`` at a time."""
+        entries: list[tuple[str, dict[str, str] | None]] = []
+        end = "+"
+        while len(entries) < count:
+            want = min(page, count - len(entries))
+            batch = self.client.xrevrange(self.stream, end, "-", count=want)
+            entries += batch
+            if len(batch) < want:
+                break
+            end = f"({batch[-1][0]}"
+        return self._decode(entries[::-1])
+
     def length(self) -> int:
+        """Rankings the stream keeps now."""
         return self.client.xlen(self.stream)
+
+    def trimmed_count(self) -> int:
+        """Rankings trimmed from the stream beyond its retention, ever."""
+        return int(self.client.get(self.trimmed) or 0)
+
+    def total(self) -> int:
+        """Rankings ever stored: those kept plus those trimmed (one consistent reading)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            length, trimmed = pipe.xlen(self.stream).get(self.trimmed).execute()
+        return length + int(trimmed or 0)
+
+    def oldest_needed(self, keep_ids: Iterable[str] = ()) -> str | None:
+        """The oldest entry id the learning group still needs, or None when it needs them all.
+
+        Needed: what is pending in the group (delivered, not acked: a dead round's), what was
+        never delivered to it, and ``keep_ids`` (rankings a committed round held out, which the
+        next one trains on). With no group yet nothing was consumed, so every entry is needed.
+        """
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except redis.ResponseError:  # no stream yet
+            return None
+        group = next((g for g in groups if g["name"] == self.group), None)
+        if group is None:
+            return None
+        ms, seq = stream_order(group["last-delivered-id"])
+        needed = [f"{ms}-{seq + 1}", *keep_ids]  # the first id after the last one delivered
+        if group["pending"]:
+            needed.append(self.client.xpending(self.stream, self.group)["min"])
+        return min(needed, key=stream_order)
+
+    def trim(self, keep: int, keep_ids: Iterable[str] = ()) -> int:
+        """Drop the oldest rankings beyond the newest ``keep``, but none the learner still needs
+        (:meth:`oldest_needed`): the stream may stay longer than ``keep`` until it has consumed
+        them. Returns how many were dropped; they are added to the ``trimmed`` counter in the
+        same step, so :meth:`total` never goes down."""
+        oldest = self.oldest_needed(keep_ids)
+        if oldest is None:
+            return 0
+        dropped = 0
+        while step := int(self._trim([self.stream, self.trimmed], [keep, oldest, TRIM_PAGE])):
+            dropped += step
+        return dropped

@@ -175,6 +175,21 @@ class Settings(BaseSettings):
         description="Seconds a request body may take to arrive in full (408 after).",
     )
     max_comment_chars: int = Field(default=2000, ge=0, description="Longest feedback comment.")
+    feedback_retention: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Rankings the feedback stream keeps: after each learning round the oldest "
+        "beyond this many are trimmed, but never one the learner has not consumed yet (with no "
+        "worker nothing is trimmed). `loopchat feedback stats` counts the trimmed ones; export "
+        "and the per-version numbers cover those kept.",
+    )
+    max_waiting: int = Field(
+        default=64,
+        ge=0,
+        description="Chat requests that may wait for an engine beyond those it generates at "
+        "once (the HF engine 4; vLLM its max_num_seqs / LOOPCHAT_MAX_N). More are answered 503 "
+        "with Retry-After rather than queued without end.",
+    )
     redis_fsync: Literal["always", "everysec"] = Field(
         default="everysec",
         description="When the embedded Redis fsyncs its append-only file. `always`: before "

@@ -15,6 +15,9 @@ implies (none between tied answers), for people who train elsewhere:
 
       {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
        "non_preferred_output": [{"role": "assistant", ...}]}
+
+Both read the rankings the stream keeps (the newest ``LOOPCHAT_FEEDBACK_RETENTION``); ``stats``
+also says how many older ones were trimmed (``trimmed``), so its totals are never silently short.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ EXPORTS = {
 
 
 _TOTALS = ("rankings", "pairs", "with_ties", "all_bad", "with_comment", "unusable")
+_PRINTED = (*_TOTALS, "trimmed")  # trimmed: rankings dropped beyond the stream's retention
 
 
 def summarise(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -138,11 +142,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    numbers = summarise(event for _, event in _log().iter_events())
+    log = _log()
+    numbers = {**summarise(event for _, event in log.iter_events()), "trimmed": log.trimmed_count()}
     if args.json:
         print(json.dumps(numbers, indent=2))
         return 0
-    print("  ".join(f"{name.replace('_', ' ')} {numbers[name]}" for name in _TOTALS))
+    print("  ".join(f"{name.replace('_', ' ')} {numbers[name]}" for name in _PRINTED))
     for title in ("per_version", "per_user", "per_candidates", "unusable_by_reason"):
         print(f"{title.replace('_', ' ')}:")
         for name, n in numbers[title].items():
