@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from learn.learner import LEARNERS, load_state
-from learn.loop import LoopConfig, run_round
+from learn.loop import LoopConfig, round_history, run_round
 from serve.events import (
     COUNTED,
     GROUP,
@@ -104,7 +104,7 @@ def test_a_round_counts_each_new_ranking_once_and_leaves_a_gated_candidate(
     assert rounds == ["round-1", "round-3"]
 
 
-def test_on_policy_prompts_come_from_the_whole_stream_but_the_held_out_rankings(
+def test_on_policy_prompts_come_from_the_round_s_rankings_but_the_held_out_ones(
     loop, completions, redis_url
 ) -> None:
     settings, client, registry = loop
@@ -202,6 +202,47 @@ def test_held_out_rankings_are_trained_on_in_the_next_round(loop, completions, r
     # the 4 new ones and the 2 the first round held out: each trained on exactly once
     assert second["data_window"]["train"] + second["data_window"]["heldout"] == 6
     assert second["data_window"]["replay"] == 6  # the reward model also sees the older ones
+
+
+def test_a_round_reads_its_new_rankings_the_carried_ones_and_a_recent_window_only(
+    loop, completions, redis_url
+) -> None:
+    """Not the whole stream: what a round knows is bounded by its own size."""
+    _, client, _ = loop
+    submit_rankings(redis_url, fresh(completions[:16]))
+    ids = stream_ids(client)
+    feedback = FeedbackLog(client)
+    feedback.ack([entry_id for entry_id, _ in feedback.read_new("w", count=10)])
+    new = feedback.read_new("w", count=100)  # 10..15
+
+    known = round_history(feedback, new, {ids[2]}, window=3)
+    assert [entry_id for entry_id, _ in known] == [ids[2], *ids[10:]]
+    assert [entry_id for entry_id, _ in round_history(feedback, new, set(), 8)] == ids[8:]
+
+
+def test_a_round_replays_from_its_window_and_trims_the_stream_to_the_retention(
+    loop, completions, redis_url, tiny_model, tmp_path
+) -> None:
+    _, client, _ = loop
+    settings = Settings(
+        redis_url=redis_url, data_dir=tmp_path, model=str(tiny_model), feedback_retention=4
+    )
+    config = LoopConfig.from_settings(
+        settings, {**TINY, "heldout_fraction": 0.25, "history_window": 7}
+    )
+    submit_rankings(redis_url, fresh(completions[:8]))
+    ids = stream_ids(client)
+    first = run_round("first", config, settings)
+    assert first["data_window"]["heldout"] == 2  # ids 6, 7: kept for the next round
+    assert stream_ids(client) == ids[4:]  # 0..3 consumed and beyond the newest 4: trimmed
+
+    submit_rankings(redis_url, fresh(completions[8:12]))
+    ids = stream_ids(client)  # 4..11
+    second = run_round("second", config, settings)
+    assert second["data_window"]["train"] + second["data_window"]["heldout"] == 6
+    assert second["data_window"]["replay"] == 1  # of 4, 5 only 5 is among the newest 7
+    assert second["rankings_total"] == 12  # all-time, trimmed ones included
+    assert stream_ids(client) == ids[4:] and FeedbackLog(client).total() == 12
 
 
 def test_rankings_that_order_nothing_are_consumed_and_counted_by_reason(

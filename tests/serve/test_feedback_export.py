@@ -138,10 +138,24 @@ def test_stats_count_rankings_pairs_ties_all_bad_and_what_no_learner_can_use(
         "per_candidates": {"2": 2, "3": 1, "4": 1},
         "unusable": 2,
         "unusable_by_reason": {"all_bad": 1, "all_tied": 1},
+        "trimmed": 0,
     }
     text = loopchat(redis_url, "feedback", "stats")
     assert text.returncode == 0 and "rankings 4" in text.stdout and "ann" in text.stdout
     assert "unusable 2" in text.stdout and "all_tied" in text.stdout
+
+
+def test_stats_say_how_many_rankings_were_trimmed_beyond_the_retention(redis_url: str) -> None:
+    _store_mixed(redis_url)
+    log = FeedbackLog(sync_client(redis_url))
+    log.ack([entry_id for entry_id, _ in log.read_new("worker-1", count=10)])
+    assert log.trim(keep=1) == 3
+
+    done = loopchat(redis_url, "feedback", "stats", "--json")
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)
+    assert (numbers["rankings"], numbers["trimmed"], numbers["per_user"]) == (1, 3, {"cy": 1})
+    assert "trimmed 3" in loopchat(redis_url, "feedback", "stats").stdout
 
 
 def test_export_to_a_missing_directory_is_a_one_line_error(redis_url: str, tmp_path: Path) -> None:
