@@ -3,7 +3,7 @@
 Handlers here turn request-parsing failures, unknown routes, raised :class:`APIError` and
 anything unexpected into that shape, so a client never sees a stack trace or an HTML page. A
 Redis that is down, restarting or refusing writes is a 503 with ``Retry-After`` (a moment's
-outage, not a server bug).
+outage, not a server bug), and so is a chat request that finds the engine's waiting room full.
 Schema violations are 422 and name the field in ``param``; a body that is not JSON is 400.
 """
 
@@ -51,7 +51,16 @@ ERROR_MEANINGS = {
     413: "The request body or comment is over its limit.",
     422: "A field is invalid (``param`` names it).",
     429: "Over this API key's (or address's) rate limit.",
+    503: "Busy or briefly unavailable (the engine's waiting room is full, or Redis is "
+    "restarting): retry after `Retry-After` seconds.",
 }
+
+RETRY_AFTER = {"Retry-After": "1"}  # a 503's: a full waiting room or a Redis restart clears soon
+
+
+def retry_headers(error: ErrorResponse) -> dict[str, str] | None:
+    """``Retry-After`` for a 503 (worth retrying in a moment), nothing for other errors."""
+    return RETRY_AFTER if error.status_code == 503 else None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -142,7 +151,7 @@ def install_error_handlers(app: FastAPI) -> None:
             type="server_error",
             code="storage_unavailable",
         )
-        return error_json(error, {"Retry-After": "1"})
+        return error_json(error, RETRY_AFTER)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,7 +12,7 @@ REGISTRY = CollectorRegistry()
 
 REQUESTS = Counter(
     "loopchat_chat_requests",
-    "Chat completion requests by outcome (ok, error, aborted).",
+    "Chat completion requests by outcome (ok, error, busy: refused with 503, aborted).",
     ["outcome"],
     registry=REGISTRY,
 )

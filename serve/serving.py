@@ -4,6 +4,12 @@ The HTTP route and the Gradio page both call :meth:`ChatService.create_chat_comp
 completion is rendered, generated, counted and stored the same way whoever asked. A completion
 is stored (all candidates, the prompt, the version) before the client receives the end of the
 answer, so a ranking that follows can always find it.
+
+Rendering the chat template and tokenizing run in a thread: a prompt as long as the body limit
+allows takes a noticeable time to tokenize, and on the event loop it would stall every other
+request meanwhile. An engine with ``LOOPCHAT_MAX_WAITING`` requests waiting already refuses the
+next one (``serve.engine.base.EngineBusy``): that is a 503 (``Retry-After`` set by the route),
+before any answer starts.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ from jinja2 import TemplateError
 
 from serve import metrics
 from serve.arena import split_slate
-from serve.engine.base import Delta, Engine, EngineRequestError, SamplingOptions, Usage
+from serve.engine.base import (
+    Delta,
+    Engine,
+    EngineBusy,
+    EngineRequestError,
+    SamplingOptions,
+    Usage,
+)
 from serve.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -107,18 +120,20 @@ async def merge_deltas(
 ) -> AsyncGenerator[Delta, None]:
     """Deltas of several engines' streams as they come, each renumbered to its answer's slot
     (``slots[i]`` for a stream's candidate ``i``). A failing stream fails the merge; closing it
-    closes (and so aborts) every stream."""
-    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+    closes (and so aborts) every stream. A pump waits while the queue is full, so the merge holds
+    as many deltas as it has streams: a slow reader's backlog stays in the engines (each bounds
+    its own)."""
+    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue(maxsize=len(parts))
 
     async def pump(stream: AsyncIterator[Delta], slots: list[int]) -> None:
         try:
             async with aclosing(stream):
                 async for delta in stream:
-                    queue.put_nowait(replace(delta, index=slots[delta.index]))
+                    await queue.put(replace(delta, index=slots[delta.index]))
         except Exception as exc:
-            queue.put_nowait(exc)
+            await queue.put(exc)
         else:
-            queue.put_nowait(None)
+            await queue.put(None)
 
     tasks = [asyncio.create_task(pump(stream, slots)) for stream, slots in parts]
     try:
@@ -168,11 +183,20 @@ class ChatService:
         ``identity`` is who asks (``serve.identity``): the rate limit counts it, and the stored
         completion records it so that only the same identity can rank it when keys are on.
         """
-        job = await self._over_rate(identity) or self._prepare(request, identity)
+        job = await self._over_rate(identity) or await self._prepare(request, identity)
         if isinstance(job, ErrorResponse):
             metrics.REQUESTS.labels(outcome="error").inc()
             return job
-        deltas = self._deltas(job)
+        try:
+            deltas = self._deltas(job)
+        except EngineBusy as exc:
+            metrics.REQUESTS.labels(outcome="busy").inc()
+            return ErrorResponse.make(
+                503,
+                f"The server is busy ({exc}); retry shortly.",
+                type="server_error",
+                code="server_busy",
+            )
         if request.stream:
             return self._stream(job, deltas)
         try:
@@ -189,6 +213,7 @@ class ChatService:
             candidate is None
             or n < 2
             or candidate.version == self.engine.version
+            or candidate.busy()  # A/B is optional: the turn goes to live alone
             or self._rng.random() >= self.settings.ab_share
         ):
             return self.engine.generate(job.id, job.prompt_ids, job.options)
@@ -225,7 +250,7 @@ class ChatService:
             code="rate_limit_exceeded",
         )
 
-    def _prepare(self, request: ChatCompletionRequest, identity: str) -> _Job | ErrorResponse:
+    async def _prepare(self, request: ChatCompletionRequest, identity: str) -> _Job | ErrorResponse:
         if request.model != self.settings.model_name:
             return ErrorResponse.make(
                 404,
@@ -248,12 +273,9 @@ class ChatService:
             )
         messages = request.prompt_messages()
         try:
-            text = self.engine.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            prompt_ids = await asyncio.to_thread(self._tokenize, messages)
         except TemplateError as exc:
             return ErrorResponse.make(400, f"messages: cannot render: {exc}", param="messages")
-        prompt_ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         max_tokens = self._max_tokens(request, len(prompt_ids))
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
@@ -267,6 +289,12 @@ class ChatService:
             request.sampling_options(max_tokens),
             self.engine.version,
         )
+
+    def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids, rendered with the chat template (in a worker thread)."""
+        tokenizer = self.engine.tokenizer
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_len: int) -> int | ErrorResponse:
         """Tokens to generate: as asked (or the default, capped by the room left in context)."""

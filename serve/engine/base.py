@@ -7,6 +7,11 @@ old weights has finished (so none fails and none mixes two versions), lets the e
 new weights, then reopens. Every delta carries the version that was live when its request was
 admitted, which is the version that produced all of its tokens.
 
+Admission is bounded: an engine generates ``concurrency`` requests at once and lets at most
+``LOOPCHAT_MAX_WAITING`` more wait (in its executor's queue, vLLM's scheduler, or at a swap's
+closed door); :meth:`Engine.generate` refuses the next one at once with :class:`EngineBusy`
+(answered 503 with ``Retry-After``) instead of queueing it without end.
+
 Adapter versions (``serve.adapters``) swap without draining: the engine keeps its base weights,
 loads the new adapter beside the old one, then switches in one step; a request runs to the end
 on the adapter (and version) it was admitted with, so old and new answers overlap safely and no
@@ -19,8 +24,9 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,10 @@ log = logging.getLogger("loopchat.serve")
 
 class EngineRequestError(ValueError):
     """The engine refused a request's parameters: the client's mistake (answered 400)."""
+
+
+class EngineBusy(RuntimeError):
+    """As many requests wait for the engine as ``LOOPCHAT_MAX_WAITING`` allows (answered 503)."""
 
 
 class SwapTimeout(RuntimeError):
@@ -83,9 +93,14 @@ class Usage:
 
 @dataclass
 class _Admission:
-    """Requests admitted and not finished yet; a swap waits for this to reach zero."""
+    """Requests admitted and not finished yet; a swap waits for ``active`` to reach zero.
+
+    ``in_flight`` also counts requests accepted but not started yet (a stream whose client
+    has not read it, a request waiting at a swap's closed door): the bound applies to it.
+    """
 
     active: int = 0
+    in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -112,11 +127,24 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+class _Slot:
+    """One admitted request's place in the engine's count; given back once, however it ends."""
+
+    def __init__(self, admission: _Admission) -> None:
+        self._admission: _Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None
+
+
 class Engine(ABC):
     """A text generator over one checkpoint at a time, swappable while it serves."""
 
     name: str
     drain_seconds: float = 30.0
+    concurrency: int = 1  # requests generated at once; up to ``max_waiting`` more wait
 
     def __init__(
         self,
@@ -175,31 +203,59 @@ class Engine(ABC):
         if is_adapter(self.model_dir):
             self._adapter = await self._load_adapter(self.model_dir, self.version)
 
-    async def generate(
+    def busy(self) -> bool:
+        """Whether a new request would wait behind ``max_waiting`` others already."""
+        waiting = self._admitted.in_flight - self.concurrency
+        return waiting >= self.settings.max_waiting
+
+    def generate(
         self, request_id: str, prompt_ids: list[int], options: SamplingOptions
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the candidates' deltas, each tagged with the version generating them.
 
-        Closing or cancelling the iterator (client disconnect) aborts the request.
+        Raises :class:`EngineBusy` here, before the caller answers anything, when the engine
+        is :meth:`busy`; otherwise the request holds its place until its stream ends, is
+        closed, or (never started: the client left first) is garbage-collected. Closing or
+        cancelling the iterator (client disconnect) aborts the request.
         """
-        if options.n > 1 and options.temperature == 0:
-            raise EngineRequestError("n > 1 needs temperature > 0 (greedy answers are all equal)")
-        await self._open.wait()
-        version, adapter = self.version, self._adapter  # together: what this request runs on
-        self._admitted.enter()
-        stream = self._stream(request_id, prompt_ids, options, adapter)
-        finished = False
+        if self.busy():
+            raise EngineBusy(
+                f"{self._admitted.in_flight} requests are in flight for the {self.name} engine "
+                f"({self.concurrency} generated at once, at most {self.settings.max_waiting} "
+                "waiting)"
+            )
+        self._admitted.in_flight += 1
+        slot = _Slot(self._admitted)
+        stream = self._generate(request_id, prompt_ids, options, slot)
+        weakref.finalize(stream, slot.release)
+        return stream
+
+    async def _generate(
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, slot: _Slot
+    ) -> AsyncGenerator[Delta, None]:
         try:
-            async for index, text, tokens, reason in stream:
-                yield Delta(index, text, tokens, reason, version)
-            finished = True
-        finally:
+            if options.n > 1 and options.temperature == 0:
+                raise EngineRequestError(
+                    "n > 1 needs temperature > 0 (greedy answers are all equal)"
+                )
+            await self._open.wait()
+            version, adapter = self.version, self._adapter  # together: what this request runs on
+            self._admitted.enter()
+            stream = self._stream(request_id, prompt_ids, options, adapter)
+            finished = False
             try:
-                await stream.aclose()
-                if not finished:
-                    await self.abort(request_id)
+                async for index, text, tokens, reason in stream:
+                    yield Delta(index, text, tokens, reason, version)
+                finished = True
             finally:
-                self._admitted.leave()
+                try:
+                    await stream.aclose()
+                    if not finished:
+                        await self.abort(request_id)
+                finally:
+                    self._admitted.leave()
+        finally:
+            slot.release()
 
     async def drain(self) -> None:
         """Wait (up to ``drain_seconds``) until every admitted request has finished."""

@@ -176,6 +176,7 @@ class HFEngine(Engine):
     """transformers model in this process; a swap replaces the model object."""
 
     name = "hf"
+    concurrency = WORKERS  # one request per worker thread; the rest wait in the executor
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -218,7 +219,10 @@ class HFEngine(Engine):
         if model is None:
             raise RuntimeError("HFEngine.start() was not awaited")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RawDelta | None] = asyncio.Queue()
+        # Never full: the thread emits at most one delta per candidate per step, then None. So a
+        # slow reader costs the answer's memory, not a worker: the thread finishes and frees its
+        # place for the next request, and the deltas wait here (vLLM merges a slow reader's).
+        queue: asyncio.Queue[RawDelta | None] = asyncio.Queue(options.n * options.max_tokens + 1)
         cancel = self._cancel[request_id] = threading.Event()
 
         def run() -> None:

@@ -69,6 +69,9 @@ class VLLMEngine(Engine):
         )
         # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
         self._llm = AsyncLLM.from_engine_args(args)
+        # Requests that surely run at once: the scheduler's sequences, n of them per request.
+        seqs = self._llm.vllm_config.scheduler_config.max_num_seqs
+        self.concurrency = max(1, seqs // self.settings.max_n)
         await self.start_adapter()
 
     async def shutdown(self) -> None:

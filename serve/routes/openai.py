@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from serve.errors import APIError, error_json, error_responses
+from serve.errors import APIError, error_json, error_responses, retry_headers
 from serve.guards import request_identity, require_client_key
 from serve.protocol import (
     ChatCompletionRequest,
@@ -38,7 +38,7 @@ COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
         "ChatCompletionChunk ending in `data: [DONE]`.",
         "content": {"text/event-stream": {"schema": SSE_EVENT}},
     },
-    **error_responses(404, 429),
+    **error_responses(404, 429, 503),
 }
 
 T = TypeVar("T")
@@ -77,7 +77,7 @@ async def chat_completions(
     except ClientGone:
         return Response(status_code=499)
     if isinstance(result, ErrorResponse):
-        return error_json(result)
+        return error_json(result, retry_headers(result))
     if hasattr(result, "__aiter__"):
         return StreamingResponse(result, media_type="text/event-stream")
     return JSONResponse(result.model_dump())
