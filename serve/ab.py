@@ -38,7 +38,7 @@ from serve.store import key
 RANKINGS = key("ab", "rankings")  # JSON {"id", "time", "pairs": [[a, b, wins a, wins b, ties]]}
 DECISIONS = key("ab", "decisions")  # JSON decision records, oldest first
 LOCK = key("ab", "lock")  # held by the referee deciding now
-KEEP_RANKINGS = 100_000  # newest mixed rankings kept (the feedback stream keeps every one)
+KEEP_RANKINGS = 100_000  # newest mixed rankings kept (apart from the stream's retention)
 TRACE_POINTS = 200  # most points of the confidence sequence the leaderboard returns
 
 log = logging.getLogger(__name__)
