@@ -195,13 +195,15 @@ class ChatService:
 
     def _deltas(self, job: _Job) -> AsyncIterator[Delta]:
         """Live's answers, or (a ranked turn drawn for A/B) a mixed slate of live's and the
-        candidate's; the job learns which slots are the candidate's."""
+        candidate's; the job learns which slots are the candidate's. JSON output asked of a
+        candidate engine that cannot constrain its answers is live's alone."""
         candidate = self.candidate() if self.candidate is not None else None
         n = job.options.n
         if (
             candidate is None
             or n < 2
             or candidate.version == self.engine.version
+            or (job.options.json_schema is not None and not candidate.json_output)
             or self._rng.random() >= self.settings.ab_share
         ):
             return self.engine.generate(job.id, job.prompt_ids, job.options)

@@ -180,6 +180,7 @@ class Engine(ABC):
 
     name: str
     drain_seconds: float = 30.0
+    json_output: bool = False  # can constrain answers to a JSON Schema (constrained decoding)
 
     def __init__(
         self,
@@ -223,7 +224,7 @@ class Engine(ABC):
         """``(param, why)`` when this engine cannot serve ``options``, or None; asked before
         anything is generated, so that a stream is refused with a 400 rather than an error
         after its status line. JSON output needs constrained decoding, which only vLLM does."""
-        if options.json_schema is not None:
+        if options.json_schema is not None and not self.json_output:
             why = f"JSON output needs constrained decoding, which the {self.name} engine lacks"
             return "response_format", f"{why} (the vllm engine has it); only 'text'"
         return None

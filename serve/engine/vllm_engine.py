@@ -54,6 +54,7 @@ class VLLMEngine(Engine):
     """vLLM's asynchronous engine; settings that work on CPU (eager, bounded KV cache, fp32)."""
 
     name = "vllm"
+    json_output = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
