@@ -85,6 +85,11 @@ class VLLMEngine(Engine):
             dtype="float32",
             disable_log_stats=True,
             worker_extension_cls="serve.engine.vllm_worker.WeightReloadExtension",
+            # JSON output without free whitespace: a small model otherwise fills max_tokens with
+            # it (seen: the built-in model, asked for an object, answered "{" and 60 "\r").
+            # vLLM allows that switch only with a named backend, so no fallback to guidance: a
+            # schema xgrammar cannot compile is a 400 naming response_format.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             **lora,
         )
         # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
@@ -138,7 +143,7 @@ class VLLMEngine(Engine):
     @staticmethod
     def _params(options: SamplingOptions) -> Any:
         """vLLM's ``SamplingParams`` for ``options`` (logprobs: vLLM's default raw distribution;
-        a JSON Schema: structured outputs, xgrammar on CPU, guidance where it falls short)."""
+        a JSON Schema: structured outputs, compact JSON by xgrammar, see ``start``)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
