@@ -283,9 +283,9 @@ class TokenLogprob(TopLogprob):
 
 
 class ChoiceLogprobs(BaseModel):
-    """``choices[i].logprobs``: one entry per token of the answer's text, in order (the
-    end-of-turn token, which is no text, is left out). The log-probabilities are the model's
-    own distribution, before temperature and top_p, on both engines."""
+    """``choices[i].logprobs``: one entry per token of the answer's text, in order (special
+    tokens such as the end of turn are no text and are left out). The log-probabilities are
+    the model's own distribution, before temperature and top_p, on both engines."""
 
     content: list[TokenLogprob] | None
     refusal: list[TokenLogprob] | None = None

@@ -151,6 +151,7 @@ def generate_candidates(
             gen.manual_seed(options.seed + i)
         generators.append(gen)
     stops = eos_ids(model, tokenizer)
+    top = options.logprobs
     texts = [Detokenizer(tokenizer, options.stop) for _ in range(n)]
     running = set(range(n))
     input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long)
@@ -162,7 +163,6 @@ def generate_candidates(
             out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
-            top = options.logprobs
             logprobs = None if top is None else torch.log_softmax(logits.float(), dim=-1)
             next_ids = []
             for i in range(n):
