@@ -7,8 +7,10 @@ rejected with the field named before any work is done. The one conversion to eng
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -18,9 +20,10 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
-from serve.engine.base import SamplingOptions
+from serve.engine.base import SamplingOptions, TokenLogprobs, TokenPieces
 
 Role = Literal["system", "user", "assistant"]
 
@@ -110,20 +113,47 @@ class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(StrictBody):
+    """``response_format.json_schema``, as OpenAI defines it. The answer always follows the
+    schema (constrained decoding), so ``strict`` changes nothing."""
+
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(StrictBody):
-    """``response_format``: only ``text`` is served (see ``ChatCompletionRequest.unsupported``)."""
+    """``response_format``: ``text``, or JSON (an object, or what ``json_schema`` describes) on
+    the vLLM engine; the HF engine refuses JSON (``Engine.unsupported``)."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema (its name and schema)")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON Schema (as JSON text) the answer must follow, or None for plain text;
+        ``json_object`` asks for any JSON object."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_)
+        return None
 
 
 class ChatCompletionRequest(StrictBody):
     """``POST /v1/chat/completions``. Unknown extra fields are ignored, as OpenAI's SDKs expect.
 
     ``n`` is bounded here by what any deployment allows; the serving layer applies the
-    configured ``max_n``. ``tools``, ``tool_choice``, ``logprobs``, ``top_logprobs`` and
-    ``response_format`` are declared so that asking for what this server cannot do is refused
-    naming the field (:meth:`unsupported`) instead of being ignored with a 200.
+    configured ``max_n``. ``tools`` and ``tool_choice`` are declared so that asking for what
+    this server cannot do is refused naming the field (:meth:`unsupported`) instead of being
+    ignored with a 200; so is a JSON ``response_format`` on an engine without constrained
+    decoding (``Engine.unsupported``).
     """
 
     model_config = ConfigDict(
@@ -172,23 +202,22 @@ class ChatCompletionRequest(StrictBody):
             raise ValueError("must be above 0 when n > 1 (greedy candidates are all the same)")
         return value
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """As OpenAI: alternatives are part of the logprobs, which must be asked for."""
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return value
+
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, why)`` for the first thing asked that this server does not do, or None.
 
-        The served models are plain chat models without tool-call or JSON-constrained
-        decoding, and the engines return no token log-probabilities.
+        The served models are plain chat models without tool calls.
         """
         if self.tools or self.tool_choice not in (None, "none"):
             param = "tools" if self.tools else "tool_choice"
             return param, "tool calls are not supported by this server's models"
-        if self.logprobs or self.top_logprobs:
-            param = "logprobs" if self.logprobs else "top_logprobs"
-            return param, "token log-probabilities are not returned by this server"
-        if self.response_format is not None and self.response_format.type != "text":
-            return (
-                "response_format",
-                f"response_format {self.response_format.type!r} is not supported; only 'text'",
-            )
         return None
 
     @property
@@ -213,6 +242,8 @@ class ChatCompletionRequest(StrictBody):
             max_tokens=max_tokens,
             stop=tuple(s for s in stop if s),
             seed=self.seed,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
 
 
@@ -227,6 +258,53 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+# OpenAI's floor for a log-probability (JSON has no -Infinity): a token the grammar forbids
+LOGPROB_FLOOR = -9999.0
+
+
+class TopLogprob(BaseModel):
+    """A token and its log-probability; ``bytes`` are its exact UTF-8 bytes (a token may hold
+    part of a character: joining the bytes of an answer's tokens gives its text)."""
+
+    token: str
+    logprob: float = Field(ge=LOGPROB_FLOOR, le=0)
+    bytes: list[int] | None
+
+    @classmethod
+    def of(cls, token_id: int, logprob: float, pieces: TokenPieces, **more: Any) -> Self:
+        token, raw = pieces(token_id)
+        return cls(token=token, logprob=min(0.0, max(logprob, LOGPROB_FLOOR)), bytes=raw, **more)
+
+
+class TokenLogprob(TopLogprob):
+    """One token of an answer, with the ``top_logprobs`` most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[i].logprobs``: one entry per token of the answer's text, in order (special
+    tokens such as the end of turn are no text and are left out). The log-probabilities are
+    the model's own distribution, before temperature and top_p, on both engines."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, steps: Iterable[TokenLogprobs], pieces: TokenPieces) -> ChoiceLogprobs:
+        content = [
+            TokenLogprob.of(
+                step.token_id,
+                step.logprob,
+                pieces,
+                top_logprobs=[TopLogprob.of(t, lp, pieces) for t, lp in step.top],
+            )
+            for step in steps
+            if step.token_id not in pieces.special
+        ]
+        return cls(content=content)
+
+
 class Choice(BaseModel):
     """One answer; ``version`` (an extension field) is the checkpoint that wrote it — in a
     mixed slate of online A/B not necessarily ``system_fingerprint``, which stays live's."""
@@ -234,7 +312,7 @@ class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     version: str | None = None
 
 
@@ -260,7 +338,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # of the tokens whose text this chunk brings
     version: str | None = None  # the checkpoint writing this choice (as on ``Choice``)
 
 

@@ -33,6 +33,7 @@ from serve.engine.base import (
     EngineBusy,
     EngineRequestError,
     SamplingOptions,
+    TokenLogprobs,
     Usage,
 )
 from serve.protocol import (
@@ -41,6 +42,7 @@ from serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     ErrorResponse,
@@ -75,6 +77,7 @@ class _Job:
     texts: list[str] = field(init=False)
     finish: list[str | None] = field(init=False)
     versions: list[str] = field(init=False)
+    logprobs: list[list[TokenLogprobs]] = field(init=False)  # each answer's, when asked
     usage: Usage = field(init=False)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -82,10 +85,12 @@ class _Job:
     def __post_init__(self) -> None:
         n = self.options.n
         self.texts, self.finish, self.versions = [""] * n, [None] * n, [self.version] * n
+        self.logprobs = [[] for _ in range(n)]
         self.usage = Usage(prompt_tokens=len(self.prompt_ids))
 
     def add(self, delta: Delta) -> None:
         self.texts[delta.index] += delta.text
+        self.logprobs[delta.index] += delta.logprobs
         self.usage.completion_tokens += delta.tokens
         self.versions[delta.index] = delta.version
         if delta.index not in self.candidate_slots:
@@ -184,6 +189,8 @@ class ChatService:
         completion records it so that only the same identity can rank it when keys are on.
         """
         job = await self._over_rate(identity) or await self._prepare(request, identity)
+        if isinstance(job, _Job) and (refused := await self.engine.unsupported(job.options)):
+            job = _unsupported(*refused)
         if isinstance(job, ErrorResponse):
             metrics.REQUESTS.labels(outcome="error").inc()
             return job
@@ -206,7 +213,8 @@ class ChatService:
 
     def _deltas(self, job: _Job) -> AsyncIterator[Delta]:
         """Live's answers, or (a ranked turn drawn for A/B) a mixed slate of live's and the
-        candidate's; the job learns which slots are the candidate's."""
+        candidate's; the job learns which slots are the candidate's. JSON output asked of a
+        candidate engine that cannot constrain its answers is live's alone."""
         candidate = self.candidate() if self.candidate is not None else None
         n = job.options.n
         if (
@@ -214,6 +222,7 @@ class ChatService:
             or n < 2
             or candidate.version == self.engine.version
             or candidate.busy()  # A/B is optional: the turn goes to live alone
+            or (job.options.json_schema is not None and not candidate.json_output)
             or self._rng.random() >= self.settings.ab_share
         ):
             return self.engine.generate(job.id, job.prompt_ids, job.options)
@@ -260,10 +269,7 @@ class ChatService:
                 code="model_not_found",
             )
         if unsupported := request.unsupported():
-            param, why = unsupported
-            return ErrorResponse.make(
-                400, f"{param}: {why}.", param=param, code="unsupported_parameter"
-            )
+            return _unsupported(*unsupported)
         if (request.n or 1) > self.settings.max_n:
             return ErrorResponse.make(
                 422,
@@ -356,18 +362,29 @@ class ChatService:
                     index=i,
                     message=AssistantMessage(content=text),
                     finish_reason=reason,
+                    logprobs=self._logprobs(job, steps),
                     version=version,
                 )
-                for i, (text, reason, version) in enumerate(
-                    zip(job.texts, job.finish, job.versions, strict=True)
+                for i, (text, reason, version, steps) in enumerate(
+                    zip(job.texts, job.finish, job.versions, job.logprobs, strict=True)
                 )
             ],
             usage=_usage(job.usage),
         )
 
+    def _logprobs(self, job: _Job, steps: list[TokenLogprobs]) -> ChoiceLogprobs | None:
+        """A choice's ``logprobs`` from its tokens' (None unless the request asked)."""
+        if job.options.logprobs is None:
+            return None
+        return ChoiceLogprobs.of(steps, self.engine.pieces)
+
     async def _stream(self, job: _Job, deltas: AsyncIterator[Delta]) -> AsyncGenerator[str, None]:
+        """A chunk per delta that brings text or an end, with the logprobs of the tokens since
+        the answer's previous chunk (a token whose text is held back comes with the chunk that
+        shows it)."""
         created = int(time.time())
         announced: set[int] = set()
+        pending: list[list[TokenLogprobs]] = [[] for _ in range(job.options.n)]
 
         def chunk(choices: list[ChunkChoice], usage: UsageInfo | None = None) -> str:
             return sse(
@@ -389,14 +406,17 @@ class ChatService:
                         role = DeltaMessage(role="assistant", content="")
                         first = ChunkChoice(index=delta.index, delta=role, version=delta.version)
                         yield chunk([first])
+                    pending[delta.index] += delta.logprobs
                     if delta.text or delta.finish_reason:
                         content = DeltaMessage(content=delta.text)
                         choice = ChunkChoice(
                             index=delta.index,
                             delta=content,
                             finish_reason=delta.finish_reason,
+                            logprobs=self._logprobs(job, pending[delta.index]),
                             version=delta.version,
                         )
+                        pending[delta.index] = []
                         yield chunk([choice])
         except EngineRequestError as exc:  # the status line is sent: report in the stream
             yield sse(
@@ -412,6 +432,11 @@ class ChatService:
             if job.request.include_usage:
                 yield chunk([], _usage(job.usage))
         yield sse("[DONE]")
+
+
+def _unsupported(param: str, why: str) -> ErrorResponse:
+    """The 400 for something asked that this server (or its engine) does not do."""
+    return ErrorResponse.make(400, f"{param}: {why}.", param=param, code="unsupported_parameter")
 
 
 def _usage(usage: Usage) -> UsageInfo:

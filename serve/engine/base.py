@@ -1,11 +1,12 @@
 """The engine interface: what the serving layer needs from vLLM or transformers, and no more.
 
 Both engines take a rendered prompt (token ids) and stream :class:`Delta` objects, one candidate
-text piece at a time. The base class owns what must behave identically whichever engine runs:
-hot swap. A swap closes the door to new requests, waits until every request admitted under the
-old weights has finished (so none fails and none mixes two versions), lets the engine load the
-new weights, then reopens. Every delta carries the version that was live when its request was
-admitted, which is the version that produced all of its tokens.
+text piece at a time (with its tokens' log-probabilities when asked, :class:`TokenLogprobs`).
+The base class owns what must behave identically whichever engine runs: hot swap. A swap closes
+the door to new requests, waits until every request admitted under the old weights has finished
+(so none fails and none mixes two versions), lets the engine load the new weights, then reopens.
+Every delta carries the version that was live when its request was admitted, which is the
+version that produced all of its tokens.
 
 Admission is bounded: an engine generates ``concurrency`` requests at once and lets at most
 ``LOOPCHAT_MAX_WAITING`` more wait (in its executor's queue, vLLM's scheduler, or at a swap's
@@ -31,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import decoders
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from serve.adapters import is_adapter
 from serve.metrics import SWAP_SECONDS
@@ -66,17 +69,44 @@ class SamplingOptions:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # None: no log-probabilities; k: each token's and the k most likely at its position
+    logprobs: int | None = None
+    # a JSON Schema (as JSON text) the answer must follow: constrained decoding
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the ``top`` most likely tokens at its position
+    (``(token id, log-probability)``, most likely first).
+
+    Both engines report the model's own distribution, before temperature and ``top_p`` (vLLM's
+    default ``logprobs_mode="raw_logprobs"``), so the numbers do not depend on how the answer was
+    sampled, and a token top_p left out still has a finite log-probability. Under a
+    ``json_schema`` (vLLM) it is the distribution over the tokens the grammar allows.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+# What an engine streams: (index, text, new tokens, finish_reason, the new tokens' logprobs)
+RawDelta = tuple[int, str, int, str | None, tuple[TokenLogprobs, ...]]
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of one candidate: text since its previous delta, and how it ended (if it did)."""
+    """New output of one candidate: text since its previous delta, how it ended (if it did),
+    and, when asked, the log-probabilities of its new tokens (whose text may come later: a
+    half character or a possible stop string is held back)."""
 
     index: int
     text: str
     tokens: int
     finish_reason: str | None
     version: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass
@@ -139,12 +169,48 @@ class _Slot:
             self._admission = None
 
 
+class TokenPieces:
+    """Each token's own text and exact bytes, as OpenAI's logprobs show them.
+
+    A token may hold part of a character (byte-level BPE splits UTF-8 anywhere): its ``bytes``
+    are the real ones, so a client joining the bytes of an answer's tokens gets its text, and
+    its text is those bytes decoded with replacement. Vocabularies that are not byte-level fall
+    back to the UTF-8 of the token decoded alone. ``special`` ids (the end-of-turn token) are
+    left out of the answer's text, so a choice's logprobs leave them out too.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.special = frozenset(tokenizer.all_special_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()} if byte_level else {}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        """``(text, bytes)`` of one token."""
+        if (found := self._cache.get(token_id)) is None:
+            found = self._cache[token_id] = self._piece(token_id)
+        return found
+
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self.special:  # its text is its name (never byte-encoded)
+            return piece, list(piece.encode())
+        if piece and self._byte_of and all(c in self._byte_of for c in piece):
+            raw = bytes(self._byte_of[c] for c in piece)
+            return raw.decode(errors="replace"), list(raw)
+        text = self.tokenizer.decode([token_id])
+        return text, list(text.encode())
+
+
 class Engine(ABC):
     """A text generator over one checkpoint at a time, swappable while it serves."""
 
     name: str
     drain_seconds: float = 30.0
     concurrency: int = 1  # requests generated at once; up to ``max_waiting`` more wait
+    json_output: bool = False  # can constrain answers to a JSON Schema (constrained decoding)
 
     def __init__(
         self,
@@ -161,6 +227,7 @@ class Engine(ABC):
         self.settings = settings
         self.max_model_len = context_length(self.base_dir, settings)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.base_dir)
+        self.pieces = TokenPieces(self.tokenizer)
         self._adapter: Any = None  # the engine's handle of the adapter served (None: the base)
         self._open = asyncio.Event()
         self._open.set()
@@ -183,12 +250,21 @@ class Engine(ABC):
     async def abort(self, request_id: str) -> None:
         """Stop generating for ``request_id`` (the client went away)."""
 
+    async def unsupported(self, options: SamplingOptions) -> tuple[str, str] | None:
+        """``(param, why)`` when this engine cannot serve ``options``, or None; asked before
+        anything is generated, so that a stream is refused with a 400 rather than an error
+        after its status line. JSON output needs constrained decoding, which only vLLM does."""
+        if options.json_schema is not None and not self.json_output:
+            why = f"JSON output needs constrained decoding, which the {self.name} engine lacks"
+            return "response_format", f"{why} (the vllm engine has it); only 'text'"
+        return None
+
     @abstractmethod
     def _stream(
         self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
-    ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
-        """Raw deltas ``(index, text, new tokens, finish_reason)`` of every candidate, from the
-        base with ``adapter`` (a handle from ``_load_adapter``, or None)."""
+    ) -> AsyncGenerator[RawDelta, None]:
+        """Raw deltas (:data:`RawDelta`) of every candidate, from the base with ``adapter`` (a
+        handle from ``_load_adapter``, or None); logprobs only when ``options.logprobs`` is set."""
 
     @abstractmethod
     async def _reload(self, model_dir: str) -> None:
@@ -244,8 +320,8 @@ class Engine(ABC):
             stream = self._stream(request_id, prompt_ids, options, adapter)
             finished = False
             try:
-                async for index, text, tokens, reason in stream:
-                    yield Delta(index, text, tokens, reason, version)
+                async for index, text, tokens, reason, logprobs in stream:
+                    yield Delta(index, text, tokens, reason, version, logprobs)
                 finished = True
             finally:
                 try:

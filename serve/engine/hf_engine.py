@@ -20,9 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from serve.adapters import load_merged
-from serve.engine.base import Engine, SamplingOptions
+from serve.engine.base import Engine, RawDelta, SamplingOptions, TokenLogprobs
 
-RawDelta = tuple[int, str, int, str | None]
 WORKERS = 4  # requests generated at the same time (each in a thread of its own)
 
 
@@ -46,6 +45,18 @@ def sample_token(
     keep[0] = True
     sorted_probs = sorted_probs * keep
     return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+
+def token_logprobs(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """``token``'s entry from a row of the model's log-softmax, with the ``top`` most likely.
+
+    The row is the raw distribution, before temperature and top_p, as vLLM reports by default
+    (``logprobs_mode="raw_logprobs"``, see :class:`serve.engine.base.TokenLogprobs`): the same
+    numbers whichever engine serves, and whatever the request's sampling settings.
+    """
+    best = logprobs.topk(top)
+    pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    return TokenLogprobs(token, float(logprobs[token]), tuple(pairs))
 
 
 class Detokenizer:
@@ -140,6 +151,7 @@ def generate_candidates(
             gen.manual_seed(options.seed + i)
         generators.append(gen)
     stops = eos_ids(model, tokenizer)
+    top = options.logprobs
     texts = [Detokenizer(tokenizer, options.stop) for _ in range(n)]
     running = set(range(n))
     input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long)
@@ -151,12 +163,14 @@ def generate_candidates(
             out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
+            logprobs = None if top is None else torch.log_softmax(logits.float(), dim=-1)
             next_ids = []
             for i in range(n):
                 token = sample_token(logits[i], options.temperature, options.top_p, generators[i])
                 next_ids.append(token)
                 if i not in running:
                     continue
+                steps = () if top is None else (token_logprobs(logprobs[i], token, top),)
                 if token in stops:
                     text, reason = texts[i].flush(), "stop"
                 else:
@@ -166,7 +180,7 @@ def generate_candidates(
                         text, reason = text + texts[i].flush(), "length"
                 if reason is not None:
                     running.discard(i)
-                emit((i, text, 1, reason))
+                emit((i, text, 1, reason, steps))
             if not running:
                 return
             input_ids = torch.tensor(next_ids, dtype=torch.long).unsqueeze(1)

@@ -8,14 +8,15 @@ KV, and would otherwise serve stale attention for prompts seen before) → resum
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
 from serve.adapters import adapter_rank, learns_with_lora
-from serve.engine.base import Engine, EngineRequestError, SamplingOptions
+from serve.engine.base import Engine, EngineRequestError, RawDelta, SamplingOptions, TokenLogprobs
 
 
 def configure_environment(data_dir: Path) -> None:
@@ -31,10 +32,29 @@ def max_rank(rank: int) -> int:
     return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
 
 
+def token_logprobs(
+    token_ids: Sequence[int], positions: Sequence[dict[int, Any]] | None, top: int
+) -> tuple[TokenLogprobs, ...]:
+    """vLLM's logprobs of new tokens (one ``{token id: Logprob}`` per position: the sampled
+    token's and the ``top`` most likely) in the engines' common form.
+
+    The most likely are re-sorted and cut to ``top`` here: vLLM's dict holds the sampled token
+    first and, when it is not among them, one entry more than asked.
+    """
+    if positions is None:
+        return ()
+    out = []
+    for token, position in zip(token_ids, positions, strict=True):
+        ranked = sorted(((t, p.logprob) for t, p in position.items()), key=lambda e: -e[1])
+        out.append(TokenLogprobs(token, position[token].logprob, tuple(ranked[:top])))
+    return tuple(out)
+
+
 class VLLMEngine(Engine):
     """vLLM's asynchronous engine; settings that work on CPU (eager, bounded KV cache, fp32)."""
 
     name = "vllm"
+    json_output = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,6 +85,11 @@ class VLLMEngine(Engine):
             dtype="float32",
             disable_log_stats=True,
             worker_extension_cls="serve.engine.vllm_worker.WeightReloadExtension",
+            # JSON output without free whitespace: a small model otherwise fills max_tokens with
+            # it (seen: the built-in model, asked for an object, answered "{" and 60 "\r").
+            # vLLM allows that switch only with a named backend, so no fallback to guidance: a
+            # schema xgrammar cannot compile is a 400 naming response_format.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             **lora,
         )
         # Built on the event loop thread: its IPC sockets belong to this loop. Startup only.
@@ -118,28 +143,62 @@ class VLLMEngine(Engine):
         await self._llm.add_lora(request)  # loads it again if vLLM evicted it meanwhile
         return request
 
-    async def _stream(
-        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
-    ) -> AsyncGenerator[tuple[int, str, int, str | None], None]:
-        from vllm import SamplingParams, TokensPrompt
-        from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
+    @staticmethod
+    def _params(options: SamplingOptions) -> Any:
+        """vLLM's ``SamplingParams`` for ``options`` (logprobs: vLLM's default raw distribution;
+        a JSON Schema: structured outputs, compact JSON by xgrammar, see ``start``)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        params = SamplingParams(
+        schema = options.json_schema
+        return SamplingParams(
             n=options.n,
             temperature=options.temperature,
             top_p=options.top_p,
             max_tokens=options.max_tokens,
             stop=list(options.stop) or None,
             seed=options.seed,
+            logprobs=options.logprobs,
+            structured_outputs=None if schema is None else StructuredOutputsParams(json=schema),
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def unsupported(self, options: SamplingOptions) -> tuple[str, str] | None:
+        """A JSON Schema vLLM cannot compile (invalid, unsatisfiable, too deep) is the
+        client's: checked as vLLM checks a request (``SamplingParams.verify``), off the loop."""
+        from vllm.exceptions import VLLMValidationError
+
+        if options.json_schema is None:
+            return None
+        llm, params = self._llm, self._params(options)
+        config = llm.vllm_config
+        try:
+            await asyncio.to_thread(
+                params.verify,
+                llm.model_config,
+                config.speculative_config,
+                config.structured_outputs_config,
+                llm.tokenizer,
+            )
+        except VLLMValidationError as exc:
+            return "response_format", f"the schema is not usable: {exc}"
+        return None
+
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], options: SamplingOptions, adapter: Any
+    ) -> AsyncGenerator[RawDelta, None]:
+        from vllm import TokensPrompt
+        from vllm.exceptions import VLLMValidationError
+
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        top = options.logprobs or 0
         try:
             async for output in self._llm.generate(
-                prompt, params, request_id, lora_request=adapter
+                prompt, self._params(options), request_id, lora_request=adapter
             ):
                 for choice in output.outputs:
-                    yield choice.index, choice.text, len(choice.token_ids), choice.finish_reason
+                    ids = choice.token_ids
+                    steps = token_logprobs(ids, choice.logprobs, top)
+                    yield choice.index, choice.text, len(ids), choice.finish_reason, steps
         except VLLMValidationError as exc:
             raise EngineRequestError(str(exc)) from None

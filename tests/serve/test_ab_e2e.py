@@ -20,6 +20,7 @@ from serve.settings import Settings
 from serve.store import sync_client
 from tests.conftest import Server, start_server
 from tests.serve.checkpoint_helpers import variant
+from tests.serve.logprobs_helpers import check_logprobs
 
 TOKEN = "ab-admin-token"
 MIN_RANKINGS = 8
@@ -44,11 +45,11 @@ def admin(server: Server, path: str) -> dict:
     return reply.json()
 
 
-def mixed_slate(server: Server, timeout: float = 60) -> dict:
+def mixed_slate(server: Server, timeout: float = 60, **extra: object) -> dict:
     """The first completion whose answers come from two versions (the candidate is loaded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = chat(server)
+        body = chat(server, **extra)
         if len({c["version"] for c in body["choices"]}) == 2:
             return body
         time.sleep(0.2)
@@ -86,6 +87,12 @@ def test_candidate_answers_in_slates_make_it_live_by_win_rate(
 
         first = mixed_slate(server)
         assert first["system_fingerprint"] == "v1"  # clients reading only this see live
+        scored = mixed_slate(server, logprobs=True, top_logprobs=2)  # from both engines
+        for choice in scored["choices"]:
+            check_logprobs(choice["message"]["content"], choice["logprobs"]["content"], top=2)
+        if engine == "vllm":  # the candidate's engine (HF) cannot constrain: live's alone
+            objects = chat(server, response_format={"type": "json_object"})
+            assert {c["version"] for c in objects["choices"]} == {"v1"}
         single = chat(server, n=1)  # one answer is no ranked turn: live's alone
         assert [c["version"] for c in single["choices"]] == ["v1"]
         stream = httpx.post(

@@ -19,6 +19,7 @@ import redis
 from serve.store import Completion, key
 from tests.conftest import TEST_REDIS_URL, Server, start_server
 from tests.serve.checkpoint_helpers import variant
+from tests.serve.logprobs_helpers import check_logprobs
 
 ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
 QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -164,6 +165,103 @@ def test_stop_string_and_max_completion_tokens_end_the_answer(client: openai.Ope
     short = greedy(max_completion_tokens=3)
     assert short.usage.completion_tokens <= 3
     assert short.choices[0].message.content == full[: len(short.choices[0].message.content)]
+
+
+def test_every_choice_carries_its_own_logprobs_in_openais_shape(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="loopchat", messages=QUESTION, n=3, max_tokens=8, logprobs=True, top_logprobs=4
+    )
+    assert reply.choices[0].logprobs.content[0].top_logprobs[0].logprob <= 0  # the client parses
+    entries = []
+    for choice in reply.choices:
+        mine = choice.model_dump()["logprobs"]["content"]
+        check_logprobs(choice.message.content, mine, top=4)
+        entries.append([e["bytes"] for e in mine])
+    assert len({str(e) for e in entries}) == 3  # each answer's own tokens
+    # an entry per token of the text: special tokens (the end of turn) are generated, not text
+    assert sum(map(len, entries)) <= reply.usage.completion_tokens
+    plain = client.chat.completions.create(model="loopchat", messages=QUESTION, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_a_greedy_answer_picks_its_most_likely_token_each_time(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="loopchat", messages=QUESTION, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=2,
+    )  # fmt: skip
+    [choice] = reply.choices
+    check_logprobs(choice.message.content, choice.model_dump()["logprobs"]["content"], top=2)
+    for entry in choice.logprobs.content:
+        best = entry.top_logprobs[0]
+        assert (best.bytes, best.logprob) == (entry.bytes, pytest.approx(entry.logprob))
+
+
+def test_streamed_chunks_carry_the_logprobs_of_the_text_they_bring(client: openai.OpenAI) -> None:
+    chunks = client.chat.completions.create(
+        model="loopchat", messages=QUESTION, n=2, max_tokens=10, stream=True, logprobs=True
+    )
+    texts, entries = ["", ""], [[], []]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.delta.content:
+                assert choice.logprobs is not None, "a chunk with text and no logprobs"
+            if choice.logprobs is not None:
+                entries[choice.index] += choice.model_dump()["logprobs"]["content"]
+    for text, mine in zip(texts, entries, strict=True):
+        assert mine
+        check_logprobs(text, mine, top=0)
+
+
+JSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "verdict",
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"enum": ["yes", "no"]}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_json_response_format_is_followed_on_vllm_and_refused_on_hf(
+    server: Server, client: openai.OpenAI
+) -> None:
+    """vLLM constrains the answer to the schema (structured outputs, xgrammar on CPU); the
+    transformers engine cannot, and says so naming ``response_format``, streaming or not."""
+    engine = httpx.get(f"{server.url}/health").json()["engine"]
+    if engine == "hf":
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(
+                    model="loopchat", messages=QUESTION, response_format=JSON_FORMAT, stream=stream
+                )
+            assert refused.value.body["param"] == "response_format"
+        return
+    reply = client.chat.completions.create(
+        model="loopchat", messages=QUESTION, max_tokens=64, temperature=0,
+        response_format=JSON_FORMAT,
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert json.loads(reply.choices[0].message.content) in ({"answer": "yes"}, {"answer": "no"})
+    objects = client.chat.completions.create(
+        model="loopchat", messages=QUESTION, n=4, max_tokens=32, seed=1,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    ended = [c.message.content for c in objects.choices if c.finish_reason == "stop"]
+    assert ended and all(isinstance(json.loads(text), dict) for text in ended)
+    assert all(c.message.content.startswith("{") for c in objects.choices)
+    unsatisfiable = {"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": unsatisfiable}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="loopchat", messages=QUESTION, response_format=bad, stream=stream
+            )
+        assert refused.value.body["param"] == "response_format"
 
 
 def test_models_health_and_metrics(server: Server, client: openai.OpenAI) -> None:

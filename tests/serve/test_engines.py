@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from serve.engine import make_engine
 from serve.engine.base import Delta, Engine, EngineRequestError, SamplingOptions
@@ -181,6 +182,35 @@ def test_a_stop_string_ends_the_answer_before_it(
     )
     assert texts(cut, 1)[0] == full[: full.find(stop)]
     assert cut[-1].finish_reason == "stop"
+
+
+def test_logprobs_are_the_checkpoints_own_as_a_transformers_forward_gives_them(
+    engine: Engine, models: tuple[Path, Path], loop: asyncio.AbstractEventLoop
+) -> None:
+    """Every token comes with its log-probability and the most likely tokens at its position,
+    and they are the model's log-softmax before temperature and top_p (vLLM's default
+    ``raw_logprobs``, which the HF engine matches): a plain forward of the checkpoint over the
+    prompt and the answer gives the same numbers, however the answer was sampled."""
+    question = "what is 2 + 3?"
+    options = SamplingOptions(n=2, temperature=1.5, top_p=0.8, max_tokens=8, seed=5, logprobs=3)
+    deltas = loop.run_until_complete(run(engine, "lp", question, options))
+    ids = prompt(engine, question)
+    model = AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).eval()
+    for i in range(2):
+        mine = [d for d in deltas if d.index == i]
+        steps = [step for d in mine for step in d.logprobs]
+        assert len(steps) == sum(d.tokens for d in mine)
+        answer = [step.token_id for step in steps]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
+        for step, row in zip(steps, torch.log_softmax(logits.float(), dim=-1), strict=True):
+            assert step.logprob == pytest.approx(row[step.token_id].item(), abs=1e-4)
+            assert [lp for _, lp in step.top] == pytest.approx(
+                row.topk(3).values.tolist(), abs=1e-4
+            )
+            assert all(lp == pytest.approx(row[t].item(), abs=1e-4) for t, lp in step.top)
+    plain = loop.run_until_complete(run(engine, "no-lp", question, GREEDY))
+    assert all(d.logprobs == () for d in plain)
 
 
 def test_swap_lets_in_flight_requests_finish_on_the_old_version(
