@@ -266,7 +266,13 @@ class LoopConfig:
     lora: dict[str, Any] = field(
         default_factory=lambda: {
             "reward": {"bf16": True, "likelihood_feature": False},
-            "rloo": {"steps": 6, "prompts_per_step": 4, "learning_rate": 5e-4, "bf16": True},
+            "rloo": {
+                "steps": 8,
+                "prompts_per_step": 4,
+                "learning_rate": 2e-4,
+                "bf16": True,
+                "normalize_advantages": True,
+            },
             "ppo": {"steps": 4, "batch_size": 16, "mini_batch_size": 16, "bf16": True},
             "dpo": {"bf16": True},
             "bon": {"bf16": True},
@@ -277,7 +283,9 @@ class LoopConfig:
             "adapter (more than LOOPCHAT_LORA_ABOVE parameters): a real model's round sized "
             "for a CPU. On SmolLM2-135M one forward of 8 answers takes ~1.9 s on 2 cores "
             "(4.2 s with its backward), so the built-in model's 16 RLOO steps of 64 answers "
-            "would take over 20 minutes. {} sizes every model alike."
+            "would take over 20 minutes. With these, one round of 128 brevity rankings "
+            "took 11 minutes and raised brevity +12.7 points (results/smollm2/); 6 steps at "
+            "lr 5e-4 lowered the reward and the gate refused it. {} sizes every model alike."
         },
     )
 
