@@ -162,13 +162,15 @@ class Client:
             self.turn += 1
             return self.urls[self.turn % len(self.urls)]
 
-    def _post(self, path: str, body: dict) -> httpx.Response:
-        for _ in range(4):
+    def _post(self, path: str, body: dict) -> tuple[httpx.Response, bool]:
+        """The first answer below 500, and whether an earlier attempt failed (it may have been
+        stored before its replica died: the reply is what was lost)."""
+        for attempt in range(4):
             url = self._next()
             try:
                 reply = self.http.post(f"{url}{path}", json=body)
                 if reply.status_code < 500:
-                    return reply
+                    return reply, attempt > 0
             except httpx.HTTPError:
                 pass
             with self.lock:
@@ -179,7 +181,7 @@ class Client:
 
     def rank_one(self, i: int) -> str:
         """One chat and its ranking (each to whichever replica is next); the version served."""
-        chat = self._post(
+        chat, _ = self._post(
             "/v1/chat/completions",
             {
                 "model": "loopchat",
@@ -188,13 +190,17 @@ class Client:
                 "max_tokens": 8,
                 "user": f"u{i % 5}",
             },
-        ).json()
+        )
+        chat = chat.json()
         ranking = [0, 1] if len(chat["choices"][0]["message"]["content"]) % 2 else [1, 0]
-        reply = self._post(
+        reply, retried = self._post(
             "/v1/feedback",
             {"completion_id": chat["id"], "ranking": ranking, "user": f"u{i % 5}"},
         )
-        if reply.status_code == 201:
+        # A retry answered 409 already_ranked: the attempt whose reply the killed replica lost
+        # was stored (once, as the dedupe promises), so the ranking is posted, not refused.
+        already = reply.status_code == 409 and reply.json()["error"]["code"] == "already_ranked"
+        if reply.status_code == 201 or (retried and already):
             with self.lock:
                 self.posted += 1
         return chat["system_fingerprint"]
