@@ -66,6 +66,8 @@ BOUND_POINTS = 3.0
 ATTACKER = key_identity("attacker")
 FIRST_MS = 1_700_000_000_000  # stream ids of the simulated round: one millisecond apart
 # (name, attacker in the stream, max_identity_share: None = the deployed default)
+SETTINGS = ("users", "rankings_per_user", "attack_rankings", "heldout_rankings", "preference",
+            "k", "max_new_tokens", "seeds", "seed")  # fmt: skip
 ARMS: tuple[tuple[str, bool, float | None], ...] = (
     ("honest", False, None),
     ("attack, caps on", True, None),
@@ -290,7 +292,9 @@ def plot(result: dict[str, Any], out: str) -> Path:
     share = 100 * LoopConfig().max_identity_share
     ax.axhline(share, color="black", lw=0.8, ls="--", label=f"cap {share:g}%")
     ax.set(ylabel="attacker's share of the round's rankings, %", ylim=(0, 100))
-    ax.set_title(f"{result['settings']['attack_rankings']} adversarial rankings, one key", fontsize=9)
+    ax.set_title(
+        f"{result['settings']['attack_rankings']} adversarial rankings, one key", fontsize=9
+    )
     ax.legend(fontsize=8)
     return save_figure(fig, out, NAME)
 
@@ -344,15 +348,12 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": str(path),
         "settings": {
-            "users": args.users, "rankings_per_user": args.rankings_per_user,
-            "attack_rankings": args.attack_rankings, "heldout_rankings": len(heldout),
-            "preference": args.preference, "k": args.k, "max_new_tokens": args.max_new_tokens,
-            "seeds": args.seeds, "seed": args.seed,
+            **{name: getattr(args, name) for name in SETTINGS},
             "heldout_questions_in_training": len(
                 {e["messages"][-1]["content"] for e in heldout}
                 & {e["messages"][-1]["content"] for e in honest + attack}
             ),
-        },  # fmt: skip
+        },
         "arms": arms,
         "drop_caps_on": drop_on,
         "drop_caps_off": drop_off,
