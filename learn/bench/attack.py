@@ -12,7 +12,7 @@ preference (``learn.simulate``: ``correctness`` by default); a ranking that orde
 (all tied, all bad) trains nothing, so only rankings that order two answers are counted. The
 honest population is ``--users`` identities × ``--rankings-per-user``; the attacker is one
 identity posting ``--attack-rankings`` rankings with the preference reversed, each under a new
-`user` name, interleaved at random with the honest ones in the stream. Each arm is one round's
+`user` name, before the honest ones (its best order: ``stream``). Each arm is one round's
 reward-model refresh: ``learn.loop.select_rankings`` picks the round's data window (the caps
 applied, the newest share held out for the gate), then ``learn.reward.train_reward_model``
 trains on it exactly as a round does (its ``LoopConfig().reward`` settings, from the model):
@@ -203,9 +203,14 @@ def attack_events(slates: list[Slate]) -> list[FeedbackEvent]:
     ]
 
 
-def stream(events: list[FeedbackEvent], rng: random.Random) -> list[Entry]:
-    """The events in a random posting order, as stream entries with increasing ids."""
-    order = rng.sample(events, len(events))
+def stream(
+    honest: list[FeedbackEvent], attack: list[FeedbackEvent], rng: random.Random
+) -> list[Entry]:
+    """One round's stream entries: the attacker's rankings, then the honest ones in a random
+    order. The attacker's best order: the cap keeps an identity's newest rankings and the round
+    holds out its newest share for the gate, so posting before the honest users gets every
+    ranking the cap keeps trained on."""
+    order = attack + rng.sample(honest, len(honest))
     return [(f"{FIRST_MS + n}-0", event) for n, event in enumerate(order)]
 
 
@@ -334,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     heldout = honest_events(sample(heldout_prompts, args.heldout_rankings), 1, "heldout-user")
     sampled_s = time.time() - started
     print(f"sampled {len(honest)} + {len(attack)} + {len(heldout)} rankings in {sampled_s:.0f} s")
-    full = stream(honest + attack, rng)
+    full = stream(honest, attack, rng)
     arms, agreements = [], []
     with scratch_dir("attack") as work:
         for name, attacked, share in ARMS:
