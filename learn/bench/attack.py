@@ -62,17 +62,12 @@ from serve.identity import key_identity
 from serve.settings import Settings
 
 NAME = "bench-attack"
-BOUND_POINTS = 3.0
+BOUND_POINTS = 15.0
 ATTACKER = key_identity("attacker")
+GENERATION_PROMPTS = 64  # per generate call (× k answers)
 FIRST_MS = 1_700_000_000_000  # stream ids of the simulated round: one millisecond apart
-# (name, attacker in the stream, max_identity_share: None = the deployed default)
 SETTINGS = ("users", "rankings_per_user", "attack_rankings", "heldout_rankings", "preference",
-            "k", "max_new_tokens", "seeds", "seed")  # fmt: skip
-ARMS: tuple[tuple[str, bool, float | None], ...] = (
-    ("honest", False, None),
-    ("attack, caps on", True, None),
-    ("attack, caps off", True, 1.0),
-)
+            "k", "max_new_tokens", "seeds", "share", "seed")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,13 +94,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="Longest sampled answer (48)."
     )
-    parser.add_argument("--seeds", type=int, default=3, help="Reward-model seeds per arm (3).")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="Reward-model seeds of the honest and caps-on arms."
+    )
+    parser.add_argument(
+        "--share", type=float, default=LoopConfig().max_identity_share,
+        help="max_identity_share of the honest and caps-on arms (the deployed default, 0.25).",
+    )  # fmt: skip
     parser.add_argument(
         "--bound", type=float, default=BOUND_POINTS,
         help=f"Pass when the caps-on drop's 95%% upper end is at most this, points "
         f"({BOUND_POINTS:g}).",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="Torch threads (1: the ~1M built-in model's ops are too small to split, and "
+        "OpenMP threads spinning on shared cores slowed sampling tenfold).",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="Seed of prompts and sampling.")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One reward-model refresh of the comparison."""
+
+    name: str
+    attacked: bool  # the attacker's rankings are in the stream
+    share: float  # the round's max_identity_share (1 = no cap)
+    seeds: int  # reward-model trainings, each with its own seed
+
+
+def plan(args: argparse.Namespace) -> list[Arm]:
+    """The three arms. Caps off trains once: its drop is many times the seed noise, and its
+    1,000-odd rankings are most of the run's training time."""
+    return [
+        Arm("honest", False, args.share, args.seeds),
+        Arm("attack, caps on", True, args.share, args.seeds),
+        Arm("attack, caps off", True, 1.0, 1),
+    ]
 
 
 @dataclass
@@ -144,7 +170,7 @@ def ranked_slates(
     """``count`` slates whose scores order at least two answers (shuffled passes over
     ``prompts``, new answers each time); the rest order nothing a reward model could learn."""
     slates: list[Slate] = []
-    batches = prompt_batches(len(prompts), 64, rng)
+    batches = prompt_batches(len(prompts), GENERATION_PROMPTS, rng)
     drawn = 0
     while len(slates) < count:
         if drawn >= 20 * max(count, len(prompts)):
@@ -224,25 +250,19 @@ def heldout_agreement(rm_dir: Path, heldout: list[FeedbackEvent], config: LoopCo
 
 
 def run_arm(
-    name: str,
-    entries: list[Entry],
-    share: float | None,
-    model: Path,
-    heldout: list[FeedbackEvent],
-    args: argparse.Namespace,
-    work: Path,
+    arm: Arm, entries: list[Entry], model: Path, heldout: list[FeedbackEvent], work: Path
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """One round's reward-model refresh on ``entries`` (``--seeds`` times): its data window,
+    """One round's reward-model refresh on ``entries`` (``arm.seeds`` times): its data window,
     and each held-out ranking's agreement averaged over the seeds."""
-    config = LoopConfig() if share is None else LoopConfig(max_identity_share=share)
+    config = LoopConfig(max_identity_share=arm.share)
     rankings = select_rankings(entries, entries, set(), config)
     used = rankings.train + rankings.heldout
     attacker_used = sum(identity_of(e) == ATTACKER for _, e in used)
     attacker_trained = sum(identity_of(e) == ATTACKER for _, e in rankings.train)
     per_seed, agreements = [], []
-    for seed in range(args.seeds):
+    for seed in range(arm.seeds):
         reward = dataclasses.replace(config.reward, seed=seed)
-        out = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+        out = work / f"{arm.name.replace(' ', '_').replace(',', '')}-{seed}"
         metrics = train_reward_model(
             [e for _, e in rankings.replay + rankings.train], model, out, reward,
             heldout_events=heldout, lora=lora_options(model, Settings()), base_dir=model,
@@ -253,11 +273,11 @@ def run_arm(
              "likelihood_weight": metrics["likelihood_weight"], "steps": metrics["steps"],
              "seconds": round(metrics["seconds"], 1)}
         )  # fmt: skip
-        print(f"  {name}, seed {seed}: held-out agreement {per_seed[-1]['agreement']:.1%}")
+        print(f"  {arm.name}, seed {seed}: held-out agreement {per_seed[-1]['agreement']:.1%}")
     agreement = torch.stack(agreements).mean(0)
-    arm = {
-        "arm": name,
-        "max_identity_share": config.max_identity_share,
+    result = {
+        "arm": arm.name,
+        "max_identity_share": arm.share,
         "data_window": rankings.window(),
         "attacker_kept": attacker_used,
         "attacker_share": attacker_used / len(used),
@@ -266,7 +286,7 @@ def run_arm(
         "agreement": points(mean_with_error(agreement)),
         "per_seed": per_seed,
     }
-    return arm, agreement
+    return result, agreement
 
 
 def points(estimate: dict[str, float]) -> dict[str, float]:
@@ -294,7 +314,7 @@ def plot(result: dict[str, Any], out: str) -> Path:
     ax.legend(fontsize=8)
     ax = axes[0][1]
     ax.bar(names, [100 * arm["attacker_share"] for arm in arms], color=colours)
-    share = 100 * LoopConfig().max_identity_share
+    share = 100 * arms[1]["max_identity_share"]
     ax.axhline(share, color="black", lw=0.8, ls="--", label=f"cap {share:g}%")
     ax.set(ylabel="attacker's share of the round's rankings, %", ylim=(0, 100))
     ax.set_title(
@@ -305,25 +325,32 @@ def plot(result: dict[str, Any], out: str) -> Path:
 
 
 def check(args: argparse.Namespace) -> None:
-    small = {
+    """A clear message for settings the benchmark cannot run with."""
+    counts = {
         "--users": args.users, "--rankings-per-user": args.rankings_per_user,
         "--attack-rankings": args.attack_rankings, "--heldout-rankings": args.heldout_rankings,
-        "--seeds": args.seeds, "--max-new-tokens": args.max_new_tokens,
+        "--seeds": args.seeds, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads,
     }  # fmt: skip
-    wrong = [flag for flag, value in small.items() if value < 1]
-    if wrong or not 2 <= args.k <= 4:
-        raise LearnError(f"{', '.join(wrong) or '--k'}: must be at least 1 (--k: 2 to 4)")
+    problems = [f"{flag} must be at least 1" for flag, value in counts.items() if value < 1]
+    if not 2 <= args.k <= 4:
+        problems.append("--k must be 2, 3 or 4")
+    if not 0 < args.share <= 1:
+        problems.append("--share must be above 0 and at most 1")
+    if problems:
+        raise LearnError("; ".join(problems))
 
 
 def run(args: argparse.Namespace) -> int:
     check(args)
     started = time.time()
+    torch.set_num_threads(args.threads)
     path = model_dir(args.model)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     preference = load_preference(args.preference)
     honest_count = args.users * args.rankings_per_user
-    per_task = max(8, (honest_count + args.heldout_rankings) // len(corpus.BENCH_TASKS))
+    # About half the turns rank two answers apart: enough prompts that few are asked twice.
+    per_task = max(8, 4 * (honest_count + args.heldout_rankings) // len(corpus.BENCH_TASKS))
     train_prompts, heldout_prompts = split_prompts(
         [m for _, m in corpus.prompts(per_task, seed=args.seed, split="heldout")],
         args.heldout_rankings / (honest_count + args.heldout_rankings), rng,
@@ -342,10 +369,12 @@ def run(args: argparse.Namespace) -> int:
     full = stream(honest, attack, rng)
     arms, agreements = [], []
     with scratch_dir("attack") as work:
-        for name, attacked, share in ARMS:
-            entries = full if attacked else [(i, e) for i, e in full if e["identity"] != ATTACKER]
-            arm, agreement = run_arm(name, entries, share, path, heldout, args, work)
-            arms.append(arm)
+        for arm in plan(args):
+            entries = (
+                full if arm.attacked else [(i, e) for i, e in full if identity_of(e) != ATTACKER]
+            )
+            measured, agreement = run_arm(arm, entries, path, heldout, work)
+            arms.append(measured)
             agreements.append(agreement)
     drop_on = points(paired_difference(agreements[0], agreements[1]))
     drop_off = points(paired_difference(agreements[0], agreements[2]))
@@ -354,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(path),
         "settings": {
             **{name: getattr(args, name) for name in SETTINGS},
+            "heldout_questions": len({e["messages"][-1]["content"] for e in heldout}),
             "heldout_questions_in_training": len(
                 {e["messages"][-1]["content"] for e in heldout}
                 & {e["messages"][-1]["content"] for e in honest + attack}
