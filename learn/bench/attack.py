@@ -30,8 +30,12 @@ so the comparison is not one draw of the training noise; the per-seed figures ar
 The attack's effect is the drop *honest − attack* per held-out ranking, paired, with its
 standard error and 95% interval.
 
-**The bound**: the benchmark passes when the upper end of the 95% interval of the drop with the
-caps on is at most ``--bound`` points of agreement.
+**The bound**: with the caps on, the benchmark passes when the upper end of the drop's 95%
+interval is at most ``--bound`` points of agreement (15). It was chosen from what was measured
+on the built-in model (README, "Reliability and security"), not derived: a capped identity still
+holds a quarter of the round, and rankings that all say the reverse shrink the likelihood
+weight the reward model leans on (``learn.reward``), so a quarter costs several points; a
+smaller ``--share`` shows what a tighter cap would buy.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from learn.modeling import load_causal_lm
 from learn.reward import load_reward_model, score_ids, train_reward_model
 from learn.simulate import BUILTIN_NAMES, Preference, judge, load_preference, ranking_from_scores
 from learn.tokens import encode_prompt, generate_answers, prompt_batches
-from serve.events import FeedbackEvent, Messages, has_preference
+from serve.events import Messages
 from serve.identity import key_identity
 from serve.settings import Settings
 
@@ -170,6 +174,7 @@ def ranked_slates(
     """``count`` slates whose scores order at least two answers (shuffled passes over
     ``prompts``, new answers each time); the rest order nothing a reward model could learn."""
     slates: list[Slate] = []
+    prompt_tokens = LoopConfig().gate.max_prompt_length
     batches = prompt_batches(len(prompts), GENERATION_PROMPTS, rng)
     drawn = 0
     while len(slates) < count:
@@ -179,7 +184,7 @@ def ranked_slates(
                 f"{args.preference}; the model's answers never differ in it (try --preference)"
             )
         batch = [prompts[i] for i in next(batches)]
-        ids = [encode_prompt(tokenizer, m, 192) for m in batch for _ in range(args.k)]
+        ids = [encode_prompt(tokenizer, m, prompt_tokens) for m in batch for _ in range(args.k)]
         answers = generate_answers(
             model, ids, tokenizer.pad_token_id, tokenizer.eos_token_id, args.max_new_tokens
         )
@@ -193,11 +198,14 @@ def ranked_slates(
     return slates
 
 
-def feedback_event(n: int, slate: Slate, ranking: list[list[int]], user: str, identity: str):
-    """A ranking as the service stores it (``serve.events.FeedbackEvent``)."""
-    event: FeedbackEvent = {
-        "id": f"fb-{n:06d}",
-        "completion_id": f"chatcmpl-{n:06d}",
+def feedback_event(
+    n: int, slate: Slate, ranking: list[list[int]], user: str, identity: str
+) -> dict[str, Any]:
+    """A ranking as the service stores it (``serve.events.FeedbackEvent``; its ``time`` is
+    set when it is posted, in ``stream``)."""
+    return {
+        "id": f"fb-{user}-{n:06d}",
+        "completion_id": f"chatcmpl-{user}-{n:06d}",
         "messages": slate.messages,
         "candidates": slate.candidates,
         "ranking": ranking,
@@ -206,13 +214,10 @@ def feedback_event(n: int, slate: Slate, ranking: list[list[int]], user: str, id
         "identity": identity,
         "comment": None,
         "version": "v1",
-        "time": (FIRST_MS + n) / 1000,
     }
-    assert has_preference(event)
-    return event
 
 
-def honest_events(slates: list[Slate], per_user: int, prefix: str) -> list[FeedbackEvent]:
+def honest_events(slates: list[Slate], per_user: int, prefix: str) -> list[dict[str, Any]]:
     """Each honest user posts ``per_user`` consecutive slates under its own key and name."""
     return [
         feedback_event(n, s, ranking_from_scores(s.scores), f"{prefix}-{n // per_user}",
@@ -221,7 +226,7 @@ def honest_events(slates: list[Slate], per_user: int, prefix: str) -> list[Feedb
     ]  # fmt: skip
 
 
-def attack_events(slates: list[Slate]) -> list[FeedbackEvent]:
+def attack_events(slates: list[Slate]) -> list[dict[str, Any]]:
     """The attacker's: the honest order reversed, one key, a new `user` name each time."""
     return [
         feedback_event(n, s, ranking_from_scores(s.scores)[::-1], f"sockpuppet-{n}", ATTACKER)
@@ -230,17 +235,22 @@ def attack_events(slates: list[Slate]) -> list[FeedbackEvent]:
 
 
 def stream(
-    honest: list[FeedbackEvent], attack: list[FeedbackEvent], rng: random.Random
+    honest: list[dict[str, Any]], attack: list[dict[str, Any]], rng: random.Random
 ) -> list[Entry]:
     """One round's stream entries: the attacker's rankings, then the honest ones in a random
     order. The attacker's best order: the cap keeps an identity's newest rankings and the round
     holds out its newest share for the gate, so posting before the honest users gets every
     ranking the cap keeps trained on."""
     order = attack + rng.sample(honest, len(honest))
-    return [(f"{FIRST_MS + n}-0", event) for n, event in enumerate(order)]
+    return [
+        (f"{FIRST_MS + n}-0", {**event, "time": (FIRST_MS + n) / 1000})
+        for n, event in enumerate(order)
+    ]
 
 
-def heldout_agreement(rm_dir: Path, heldout: list[FeedbackEvent], config: LoopConfig):
+def heldout_agreement(
+    rm_dir: Path, heldout: list[dict[str, Any]], config: LoopConfig
+) -> torch.Tensor:
     """Per held-out ranking, the share of its pairs the reward model orders as the user did
     (what the gate's signal check measures)."""
     tokenizer = AutoTokenizer.from_pretrained(str(rm_dir))
@@ -250,7 +260,7 @@ def heldout_agreement(rm_dir: Path, heldout: list[FeedbackEvent], config: LoopCo
 
 
 def run_arm(
-    arm: Arm, entries: list[Entry], model: Path, heldout: list[FeedbackEvent], work: Path
+    arm: Arm, entries: list[Entry], model: Path, heldout: list[dict[str, Any]], work: Path
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """One round's reward-model refresh on ``entries`` (``arm.seeds`` times): its data window,
     and each held-out ranking's agreement averaged over the seeds."""
@@ -259,13 +269,14 @@ def run_arm(
     used = rankings.train + rankings.heldout
     attacker_used = sum(identity_of(e) == ATTACKER for _, e in used)
     attacker_trained = sum(identity_of(e) == ATTACKER for _, e in rankings.train)
+    lora = lora_options(model, Settings())  # as a round decides it for this model
     per_seed, agreements = [], []
     for seed in range(arm.seeds):
         reward = dataclasses.replace(config.reward, seed=seed)
         out = work / f"{arm.name.replace(' ', '_').replace(',', '')}-{seed}"
         metrics = train_reward_model(
             [e for _, e in rankings.replay + rankings.train], model, out, reward,
-            heldout_events=heldout, lora=lora_options(model, Settings()), base_dir=model,
+            heldout_events=heldout, lora=lora, base_dir=model,
         )  # fmt: skip
         agreements.append(heldout_agreement(out, heldout, config))
         per_seed.append(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from learn.bench import attack
-from learn.identity_caps import identity_cap
+from learn.identity_caps import identity_cap, identity_of
+from learn.loop import stream_order
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,6 +24,22 @@ def test_split_prompts_never_asks_a_held_out_question_in_training() -> None:
     questions = {p[-1]["content"] for p in heldout}
     assert len(questions) == 3 and len(train) + len(heldout) == 50
     assert questions.isdisjoint(p[-1]["content"] for p in train)
+
+
+def test_the_attacker_reverses_every_ranking_under_one_key_and_posts_first() -> None:
+    slate = attack.Slate([{"role": "user", "content": "What is 2 + 2?"}], ["4", "5", "4"],
+                         [1.0, 0.0, 1.0])  # fmt: skip
+    honest = attack.honest_events([slate] * 4, 2, "user")
+    adversary = attack.attack_events([slate] * 3)
+    assert honest[0]["ranking"] == [[0, 2], [1]] and adversary[0]["ranking"] == [[1], [0, 2]]
+    assert [e["identity"] for e in adversary] == [attack.ATTACKER] * 3
+    assert len({e["user"] for e in adversary}) == 3  # a new name each time, one key
+    assert len({e["identity"] for e in honest}) == 2 and len({e["user"] for e in honest}) == 2
+    entries = attack.stream(honest, adversary, random.Random(0))
+    assert [identity_of(e) for _, e in entries[:3]] == [attack.ATTACKER] * 3
+    ids = [entry_id for entry_id, _ in entries]
+    assert len(set(ids)) == 7 and ids == sorted(ids, key=stream_order)
+    assert len({e["id"] for _, e in entries}) == 7
 
 
 def test_a_tiny_run_reports_every_arm_and_caps_the_attacker_at_a_quarter(
