@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "swap": ("learn.bench.swap", "what clients notice while versions are hot-swapped"),
     "ppo": ("learn.bench.ppo", "PPO episodes per second, loopchat's trainer vs TRL's"),
     "ab": ("learn.bench.ab", "promotion by win rate: A/A false promotions, rankings to decide"),
+    "attack": ("learn.bench.attack", "one identity's adversarial rankings vs the reward model"),
 }
 
 
