@@ -21,6 +21,7 @@ LEARN_MAY_USE = {
     "serve.settings",
     "serve.loop_trigger",
     "serve.arena",  # the A/B statistics (pure numpy): `bench ab` simulates the service's rule
+    "serve.identity",  # the identity an event carries (pure hashing): `bench attack` forges one
 }
 
 
